@@ -1,0 +1,29 @@
+"""torchvision's AlexNet in JAX/Flax, with a strict, verified bridge for its weights.
+
+    from alexnet_jax import AlexNet, load_variables
+    variables = load_variables("alexnet.msgpack")
+    logits = AlexNet().apply(variables, images_nhwc)   # (N, 1000)
+"""
+
+from .convert import ConversionError, check_variables, flax_to_torch, torch_to_flax
+from .io import load_variables, save_variables
+from .model import AlexNet
+from .preprocess import CROP_SIZE, MEAN_RGB, RESIZE_SIZE, STDDEV_RGB, preprocess, preprocess_batch
+from .weights import IMAGENET1K_V1
+
+__all__ = [
+    "AlexNet",
+    "ConversionError",
+    "CROP_SIZE",
+    "IMAGENET1K_V1",
+    "MEAN_RGB",
+    "RESIZE_SIZE",
+    "STDDEV_RGB",
+    "check_variables",
+    "flax_to_torch",
+    "load_variables",
+    "preprocess",
+    "preprocess_batch",
+    "save_variables",
+    "torch_to_flax",
+]

@@ -1,0 +1,217 @@
+"""torchvision AlexNet state_dict <-> Flax variables, by an explicit name table.
+
+Every entry is (torch name, Flax path, transform). Nothing is matched by position
+or reshaped to fit: a tensor of the right size in the wrong place must fail, so
+both directions check the full key set and every shape, and list every problem in
+one error.
+
+The transforms, and why:
+- conv: torch stores OIHW, Flax's `nn.Conv` HWIO.
+- linear: torch's `nn.Linear` computes x @ W.T with W of shape (out, in); Flax's
+  `nn.Dense` computes x @ K with K of shape (in, out). `classifier.4` is 4096x4096,
+  where a forgotten transpose passes every shape check, which is why the parity
+  tests compare logits and not only shapes.
+- linear_chw: `classifier.1` reads the 256x6x6 pooled map flattened. torch flattens
+  NCHW as (C, H, W); our NHWC model flattens as (H, W, C). Permuting the weight's
+  input axis once here saves a transpose of the activations at every call.
+- bias: copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from .model import CONV_LAYERS, HIDDEN, POOL_OUTPUT
+
+_POOLED_CHANNELS = CONV_LAYERS[-1][1]  # 256 channels in the 6x6 map that classifier.1 reads
+
+
+class ConversionError(ValueError):
+    """A state_dict or variable tree that is not torchvision's AlexNet; the message lists every problem."""
+
+
+def _linear_chw_to_flax(w: np.ndarray) -> np.ndarray:
+    out = w.shape[0]
+    return w.reshape(out, _POOLED_CHANNELS, POOL_OUTPUT, POOL_OUTPUT).transpose(2, 3, 1, 0).reshape(-1, out)
+
+
+def _linear_chw_to_torch(k: np.ndarray) -> np.ndarray:
+    out = k.shape[1]
+    return k.reshape(POOL_OUTPUT, POOL_OUTPUT, _POOLED_CHANNELS, out).transpose(3, 2, 0, 1).reshape(out, -1)
+
+
+# name -> (torch -> flax, flax -> torch). Each pair is a permutation, so round trips are bit-exact.
+_TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
+    "conv": (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),
+    "linear": (lambda w: w.T, lambda k: k.T),
+    "linear_chw": (_linear_chw_to_flax, _linear_chw_to_torch),
+    "bias": (lambda b: b, lambda b: b),
+}
+
+
+def _table(num_classes: int) -> list[tuple[str, tuple[str, str], str, tuple[int, ...]]]:
+    """(torch name, flax path, transform, torch shape) for every tensor of AlexNet."""
+    rows = []
+    in_channels = 3
+    for index, out, kernel, _, _ in CONV_LAYERS:
+        module = f"features.{index}"
+        rows.append((f"{module}.weight", (f"features_{index}", "kernel"), "conv", (out, in_channels, kernel, kernel)))
+        rows.append((f"{module}.bias", (f"features_{index}", "bias"), "bias", (out,)))
+        in_channels = out
+    linears = (
+        (1, "linear_chw", _POOLED_CHANNELS * POOL_OUTPUT * POOL_OUTPUT, HIDDEN),
+        (4, "linear", HIDDEN, HIDDEN),
+        (6, "linear", HIDDEN, num_classes),
+    )
+    for index, transform, fan_in, fan_out in linears:
+        module = f"classifier.{index}"
+        rows.append((f"{module}.weight", (f"classifier_{index}", "kernel"), transform, (fan_out, fan_in)))
+        rows.append((f"{module}.bias", (f"classifier_{index}", "bias"), "bias", (fan_out,)))
+    return rows
+
+
+def _flax_shape(transform: str, torch_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if transform == "conv":
+        o, i, h, w = torch_shape
+        return (h, w, i, o)
+    if transform in ("linear", "linear_chw"):
+        return torch_shape[::-1]
+    return torch_shape
+
+
+def _to_numpy(value: Any, name: str) -> np.ndarray:
+    """A torch tensor or array-like as a numpy array, keeping its dtype (bfloat16 via ml_dtypes)."""
+    if hasattr(value, "detach") and hasattr(value, "dtype"):  # torch.Tensor, without importing torch
+        import torch  # already imported by whoever made the tensor
+
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:  # numpy has no bfloat16; ml_dtypes (a jax dependency) does
+            import ml_dtypes
+
+            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
+    try:
+        return np.asarray(value)
+    except Exception as e:  # noqa: BLE001 - anything numpy can't read is a bad entry
+        raise ConversionError(f"{name}: not an array ({type(value).__name__}): {e}") from e
+
+
+def _check(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Raise one ConversionError that lists every missing, unexpected and mis-shaped entry."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatched = [
+        f"{k}: got {tuple(found[k])}, expected {tuple(expected[k])}"
+        for k in expected
+        if k in found and tuple(found[k]) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {', '.join(missing)}")
+    if unexpected:
+        shown = ", ".join(unexpected[:12]) + (f", ... ({len(unexpected) - 12} more)" if len(unexpected) > 12 else "")
+        problems.append(f"unexpected {len(unexpected)}: {shown}")
+    if mismatched:
+        problems.append(f"shape mismatch {len(mismatched)}: {'; '.join(mismatched)}")
+    if problems:
+        raise ConversionError(f"{what} is not torchvision's AlexNet: " + " | ".join(problems))
+
+
+def _check_values(arrays: Mapping[str, np.ndarray], allow_nonfinite: bool) -> None:
+    not_float = [f"{k} ({v.dtype})" for k, v in arrays.items() if not jnp.issubdtype(v.dtype, jnp.floating)]
+    if not_float:
+        raise ConversionError(f"weights must be floating point, got {', '.join(not_float)}")
+    if allow_nonfinite:
+        return
+    bad = [
+        f"{k} ({int(np.size(v) - np.isfinite(v.astype(np.float32)).sum())} values)"
+        for k, v in arrays.items()
+        if not np.isfinite(v.astype(np.float32)).all()
+    ]
+    if bad:
+        raise ConversionError(
+            f"non-finite weights (NaN or Inf) in {', '.join(bad)}; pass allow_nonfinite=True (--allow-nonfinite) to convert anyway"
+        )
+
+
+def _num_classes(shapes: Mapping[str, tuple[int, ...]], key: str, axis: int) -> int:
+    shape = shapes.get(key)
+    if shape is None or len(shape) != 2:
+        return 1000  # the check below then reports the missing or mis-shaped entry by name
+    return int(shape[axis])
+
+
+def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
+    """Drop a leading `module.` (DataParallel / DistributedDataParallel) from every key that has one."""
+    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], *, allow_nonfinite: bool = False) -> dict[str, Any]:
+    """torchvision AlexNet state_dict -> Flax variables `{"params": ...}` for `alexnet_jax.AlexNet`.
+
+    **Arguments:** state_dict maps torchvision names (optionally prefixed `module.`)
+    to torch tensors or numpy arrays; `num_classes` is read from `classifier.6`.
+    **Returns:** a nested dict of numpy arrays, e.g. params["features_0"]["kernel"]
+    of shape (11, 11, 3, 64).
+    **Raises:** ConversionError listing every missing, unexpected or mis-shaped key,
+    or non-finite weights unless `allow_nonfinite`.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise ConversionError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
+    arrays = {str(k): _to_numpy(v, str(k)) for k, v in strip_prefix(state_dict).items()}
+    shapes = {k: v.shape for k, v in arrays.items()}
+    table = _table(_num_classes(shapes, "classifier.6.weight", axis=0))
+    _check(shapes, {name: shape for name, _, _, shape in table}, "state_dict")
+    _check_values(arrays, allow_nonfinite)
+    params: dict[str, dict[str, np.ndarray]] = {}
+    for name, (module, leaf), transform, _ in table:
+        params.setdefault(module, {})[leaf] = np.ascontiguousarray(_TRANSFORMS[transform][0](arrays[name]))
+    return {"params": params}
+
+
+def _flat_params(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax variables (or a bare params tree) -> {"module/leaf": array}."""
+    if not isinstance(variables, Mapping):
+        raise ConversionError(f"expected Flax variables (a mapping), got {type(variables).__name__}")
+    params = variables.get("params", variables)
+    if not isinstance(params, Mapping):
+        raise ConversionError(f"variables['params'] must be a mapping, got {type(params).__name__}")
+    flat = {}
+    for module, leaves in params.items():
+        if isinstance(leaves, Mapping):
+            for leaf, value in leaves.items():
+                flat[f"{module}/{leaf}"] = np.asarray(value)
+        else:
+            flat[str(module)] = np.asarray(leaves)
+    return flat
+
+
+def check_variables(variables: Mapping[str, Any]) -> int:
+    """Check that `variables` is AlexNet's Flax parameter tree; return its num_classes.
+
+    **Raises:** ConversionError listing every missing, unexpected or mis-shaped leaf.
+    """
+    flat = _flat_params(variables)
+    shapes = {k: v.shape for k, v in flat.items()}
+    num_classes = _num_classes(shapes, "classifier_6/kernel", axis=1)
+    expected = {"/".join(path): _flax_shape(t, shape) for _, path, t, shape in _table(num_classes)}
+    _check(shapes, expected, "variable tree")
+    return num_classes
+
+
+def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax variables -> torchvision state_dict of numpy arrays.
+
+    `torchvision.models.AlexNet(num_classes).load_state_dict({k: torch.from_numpy(v)})`
+    accepts the result. **Raises:** ConversionError as `check_variables` does.
+    """
+    num_classes = check_variables(variables)
+    flat = _flat_params(variables)
+    return {
+        name: np.ascontiguousarray(_TRANSFORMS[transform][1](flat["/".join(path)]))
+        for name, path, transform, _ in _table(num_classes)
+    }

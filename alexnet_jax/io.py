@@ -1,0 +1,91 @@
+"""Flax variables to and from one file: msgpack by default, safetensors by suffix.
+
+Writes are atomic: the bytes go to a temporary file in the same folder, are
+fsynced, then renamed over the target, so an interrupted or failed run never
+leaves a truncated or half-written file under the requested name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import serialization, traverse_util
+
+from .convert import ConversionError, check_variables
+
+_SEP = "/"  # safetensors keys: "params/features_0/kernel"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either untouched or complete."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _to_numpy_tree(variables: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _to_numpy_tree(v) if isinstance(v, Mapping) else np.asarray(v) for k, v in variables.items()}
+
+
+def save_variables(path: str | os.PathLike, variables: Mapping[str, Any]) -> Path:
+    """Save AlexNet variables (`{"params": ...}`) to `path` atomically.
+
+    `.safetensors` writes safetensors; any other suffix writes a flax msgpack file.
+    The tree is checked first, so a wrong tree never reaches the disk.
+    **Returns:** the path written.
+    """
+    check_variables(variables)
+    tree = _to_numpy_tree(variables)
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save
+
+        flat = traverse_util.flatten_dict(tree, sep=_SEP)
+        data = save({k: np.ascontiguousarray(v) for k, v in flat.items()}, metadata={"format": "alexnet_jax"})
+    else:
+        data = serialization.msgpack_serialize(tree)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def load_variables(path: str | os.PathLike) -> dict[str, Any]:
+    """Read variables written by `save_variables` (or `convert/torch_to_flax.py`).
+
+    **Returns:** `{"params": ...}` of numpy arrays, ready for `AlexNet(num_classes).apply`.
+    **Raises:** FileNotFoundError, or ValueError naming the file when it is
+    truncated, corrupt or not an AlexNet tree.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    data = path.read_bytes()
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load
+
+            tree = traverse_util.unflatten_dict(load(data), sep=_SEP)
+        else:
+            tree = serialization.msgpack_restore(data)
+    except Exception as e:  # noqa: BLE001 - msgpack and safetensors raise many types on bad bytes
+        raise ValueError(f"{path}: truncated or corrupt variables file ({type(e).__name__}: {e})") from e
+    if not isinstance(tree, dict) or "params" not in tree:
+        raise ValueError(f"{path}: not an alexnet_jax variables file (no 'params' at the top)")
+    try:
+        check_variables(tree)
+    except ConversionError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return tree
+

@@ -1,0 +1,182 @@
+"""Where torchvision AlexNet weights come from: the IMAGENET1K_V1 record, torch hub, files.
+
+Reading `.pth` files needs torch (the `convert` extra), imported only here and only
+when called. Untrusted files are read with `torch.load(..., weights_only=True)`
+always: a pickle that tries to run code is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .preprocess import CROP_SIZE, MEAN_RGB, RESIZE_SIZE, STDDEV_RGB
+
+
+@dataclass(frozen=True)
+class WeightsRecord:
+    """Everything known about one published set of weights, in one place."""
+
+    name: str
+    url: str
+    sha256_prefix: str  # torch hub checks the file's sha256 against this prefix of its name
+    num_params: int
+    min_size: int
+    acc1: float  # ImageNet-1k validation, as torchvision reports it
+    acc5: float
+    num_classes: int = 1000
+    resize_size: int = RESIZE_SIZE
+    crop_size: int = CROP_SIZE
+    mean: tuple[float, float, float] = MEAN_RGB
+    std: tuple[float, float, float] = STDDEV_RGB
+
+    @property
+    def file_name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+# torchvision.models.AlexNet_Weights.IMAGENET1K_V1
+IMAGENET1K_V1 = WeightsRecord(
+    name="IMAGENET1K_V1",
+    url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    sha256_prefix="7be5be79",
+    num_params=61_100_840,
+    min_size=63,
+    acc1=56.522,
+    acc5=79.066,
+)
+
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")  # torch hub's rule for the hash prefix in a file name
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be had or read; the message says what to do."""
+
+
+def _require_torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise WeightsError(
+            f"reading PyTorch weights needs torch ({e}); install it with: pip install 'alexnet-jax[convert]'"
+        ) from e
+    return torch
+
+
+def hub_checkpoint_dir() -> Path:
+    """torch hub's cache folder for downloaded weights ($TORCH_HOME/hub/checkpoints)."""
+    return Path(_require_torch().hub.get_dir()) / "checkpoints"
+
+
+def hash_prefix(url_or_name: str) -> str | None:
+    """The sha256 prefix torch hub reads from a file name like `alexnet-owt-7be5be79.pth`."""
+    match = _HASH_IN_NAME.search(url_or_name.rsplit("/", 1)[-1])
+    return match.group(1) if match else None
+
+
+def fetch_state_dict(url: str = IMAGENET1K_V1.url, *, progress: bool = True) -> tuple[dict[str, Any], Path]:
+    """Download (or take from torch hub's cache) a state_dict, checking its hash prefix.
+
+    **Returns:** (state_dict, path of the cached file).
+    **Raises:** WeightsError with one line saying why and what to do instead.
+    """
+    torch = _require_torch()
+    cached = hub_checkpoint_dir() / url.rsplit("/", 1)[-1]
+    if hash_prefix(url) is None:
+        raise WeightsError(f"{url}: the file name carries no sha256 prefix (name-<hash>.pth), so it cannot be checked")
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # torch hub's urlopen has no timeout of its own
+    try:
+        state_dict = torch.hub.load_state_dict_from_url(
+            url, progress=progress, check_hash=True, map_location="cpu", weights_only=True
+        )
+    except (OSError, ValueError) as e:  # URLError is an OSError
+        if cached.exists():
+            raise WeightsError(f"could not read the cached {cached}: {e}") from e
+        reason = getattr(e, "reason", e)
+        raise WeightsError(
+            f"could not download {url} ({reason}). Without network, fetch that file on another machine "
+            f"and pass --checkpoint PATH, or put it in {cached.parent}/"
+        ) from e
+    except RuntimeError as e:
+        if "invalid hash value" in str(e):
+            raise WeightsError(f"{url}: downloaded file failed its sha256 check and was discarded ({e})") from e
+        raise WeightsError(f"could not read {cached}: {_first_line(e)}") from e
+    except Exception as e:  # noqa: BLE001 - an unpickling error from a bad cached file, say
+        raise WeightsError(f"could not read {cached}: {_first_line(e)}") from e
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    return state_dict, cached
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
+    """A state_dict, or the one a training checkpoint keeps under 'state_dict' or 'model'."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping):
+                return inner
+        if obj and all(isinstance(k, str) for k in obj) and all(hasattr(v, "shape") for v in obj.values()):
+            return obj
+    what = type(obj).__name__
+    if isinstance(obj, Mapping):
+        keys = ", ".join(map(str, list(obj)[:5]))
+        what = f"a dict without tensors under 'state_dict' or 'model' (keys: {keys or 'none'})"
+    raise WeightsError(f"{path}: not a state_dict: found {what}")
+
+
+def load_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
+    """Read a torchvision state_dict from `.pth`/`.pt` (torch.save) or `.safetensors`.
+
+    A training checkpoint dict holding it under `state_dict` or `model` is unwrapped.
+    **Raises:** WeightsError naming the file and the problem (missing, truncated,
+    not a state_dict, a pickle that wants to run code).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file")
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a folder, not a weights file")
+    if path.suffix == ".safetensors":
+        return _unwrap(_load_safetensors(path), path)
+    torch = _require_torch()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; each gets one line
+        raise WeightsError(f"{path}: {_why_unreadable(e)}") from e
+    return _unwrap(obj, path)
+
+
+def _why_unreadable(e: Exception) -> str:
+    text = str(e)
+    if "Weights only load failed" in text:
+        # The unpickler met a global outside torch's allow-list: code the file wanted to run.
+        found = re.search(r"Unsupported global: (GLOBAL [^\s]+)|Unsupported operand|Unsupported class [^\s]+", text)
+        detail = f" ({found.group(0)})" if found else ""
+        return f"refused: the file asks to run code or build objects other than tensors{detail}; it was not executed"
+    if isinstance(e, (zipfile.BadZipFile, EOFError)) or "zip archive" in text or "PytorchStreamReader" in text:
+        return f"truncated or corrupt ({_first_line(e)})"
+    return f"not a readable PyTorch file ({_first_line(e)})"
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    try:
+        from safetensors.numpy import load_file
+    except ImportError as e:
+        raise WeightsError(f"{path}: reading .safetensors needs safetensors: pip install safetensors") from e
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - header and size errors from a bad file
+        raise WeightsError(f"{path}: truncated or corrupt safetensors file ({_first_line(e)})") from e
