@@ -7,7 +7,9 @@
 
 from .convert import ConversionError, check_variables, flax_to_torch, torch_to_flax
 from .io import load_variables, save_variables
+from .labels import IMAGENET_CLASSES
 from .model import AlexNet
+from .predict import Prediction, features, predict, predict_logits
 from .preprocess import CROP_SIZE, MEAN_RGB, RESIZE_SIZE, STDDEV_RGB, preprocess, preprocess_batch
 from .weights import IMAGENET1K_V1
 
@@ -16,12 +18,17 @@ __all__ = [
     "ConversionError",
     "CROP_SIZE",
     "IMAGENET1K_V1",
+    "IMAGENET_CLASSES",
     "MEAN_RGB",
+    "Prediction",
     "RESIZE_SIZE",
     "STDDEV_RGB",
     "check_variables",
+    "features",
     "flax_to_torch",
     "load_variables",
+    "predict",
+    "predict_logits",
     "preprocess",
     "preprocess_batch",
     "save_variables",

@@ -1,0 +1,247 @@
+"""Image -> top-k ImageNet labels, and image -> features, with one compiled forward per batch shape.
+
+    from alexnet_jax import load_variables, predict
+    variables = load_variables("alexnet.msgpack")
+    predict(variables, [Image.open("cat.jpg")])[0].labels   # ('tabby', 'tiger cat', ...)
+
+Images are run in chunks of `batch_size`. A chunk that is not full is padded with
+zeros to the next power of two (at most `batch_size`), so a folder of any size
+compiles at most log2(batch_size) + 1 shapes, and a second call never compiles
+again; the padded rows are dropped from the results. The compiled functions are
+cached per (num_classes, dtype), not per call.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from .convert import check_variables
+from .labels import class_names
+from .model import FEATURE_NAMES, AlexNet
+from .preprocess import preprocess_batch
+from .verify import top_k
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_TOP_K = 5
+
+ImageLike = Image.Image | np.ndarray
+Images = np.ndarray | Iterable[ImageLike]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k classes of one image, most probable first."""
+
+    indices: tuple[int, ...]
+    labels: tuple[str, ...]
+    probabilities: tuple[float, ...]
+
+    def __str__(self) -> str:
+        return "; ".join(f"{label} {p:.3f}" for label, p in zip(self.labels, self.probabilities))
+
+
+def padded_size(n: int, batch_size: int) -> int:
+    """The batch a chunk of `n` images (1 <= n <= batch_size) is padded to: the next power of two, at most batch_size."""
+    return min(batch_size, 1 << (n - 1).bit_length())
+
+
+def _as_model_input(images: Images) -> np.ndarray:
+    """A float (N, H, W, 3) array is taken as already preprocessed; anything else is preprocessed image by image."""
+    if isinstance(images, np.ndarray | jax.Array) and images.ndim == 4 and jnp.issubdtype(images.dtype, jnp.floating):
+        if images.shape[-1] != 3:
+            raise ValueError(f"preprocessed images must be NHWC (N, H, W, 3), got shape {images.shape}")
+        return np.asarray(images, np.float32)
+    if isinstance(images, Image.Image):
+        raise TypeError("expected a batch of images (a list), got one PIL image; wrap it in a list")
+    return preprocess_batch(images)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_logits(num_classes: int, dtype: str) -> Callable:
+    model = AlexNet(num_classes=num_classes, dtype=jnp.dtype(dtype))
+
+    def logits(variables, x):
+        # Softmax and the caller's comparisons want float32 even when the compute is bfloat16.
+        return model.apply(variables, x).astype(jnp.float32)
+
+    return jax.jit(logits)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_features(num_classes: int, dtype: str) -> Callable:
+    model = AlexNet(num_classes=num_classes, dtype=jnp.dtype(dtype))
+
+    def features(variables, x):
+        _, state = model.apply(variables, x, mutable=["intermediates"])
+        # sow() stores a tuple per name (one entry per call of the layer); AlexNet calls each once.
+        return {name: state["intermediates"][name][0].astype(jnp.float32) for name in FEATURE_NAMES}
+
+    return jax.jit(features)
+
+
+def _run_in_chunks(fn: Callable, variables: Mapping[str, Any], x: np.ndarray, batch_size: int) -> Any:
+    """`fn(variables, chunk)` over x in padded chunks; the outputs' padded rows dropped, chunks concatenated."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    outputs = []
+    for start in range(0, len(x), batch_size):
+        chunk = x[start : start + batch_size]
+        n = len(chunk)
+        padding = padded_size(n, batch_size) - n
+        if padding:
+            # numpy, not jnp: an eager jnp.pad would itself compile for every new n.
+            chunk = np.concatenate([chunk, np.zeros((padding, *chunk.shape[1:]), chunk.dtype)])
+        # Slice in numpy: slicing the device array would compile a slice for every new n.
+        outputs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], fn(variables, chunk)))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+
+def _params_only(variables: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+    # Only 'params': a stale 'intermediates' collection passed back in would be appended to by sow().
+    num_classes = check_variables(variables)
+    return {"params": jax.device_put(variables["params"])}, num_classes
+
+
+def predict_logits(
+    variables: Mapping[str, Any],
+    images: Images,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dtype: Any = jnp.float32,
+) -> np.ndarray:
+    """AlexNet's logits for a batch of images.
+
+    **Arguments:** variables `{"params": ...}` (numpy or device arrays; float32 for
+    the bfloat16 compute too); images, a list of PIL images / uint8 arrays of any
+    size (preprocessed as torchvision does) or a float array (N, H, W, 3) that is
+    already preprocessed; dtype, the compute dtype (`jnp.bfloat16` computes in
+    bfloat16 with the float32 parameters cast at each layer).
+    **Returns:** float32 array (N, num_classes).
+    """
+    params, num_classes = _params_only(variables)
+    x = _as_model_input(images)
+    if len(x) == 0:
+        return np.zeros((0, num_classes), np.float32)
+    return _run_in_chunks(_compiled_logits(num_classes, jnp.dtype(dtype).name), params, x, batch_size)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, returned as float32. **Returns:** same shape as `logits`."""
+    z = np.asarray(logits, np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def predictions_from_logits(logits: np.ndarray, k: int = DEFAULT_TOP_K) -> list[Prediction]:
+    """Top-k `Prediction`s from (N, num_classes) logits; labels are ImageNet's for 1000 classes."""
+    logits = np.asarray(logits)
+    num_classes = logits.shape[-1]
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"k must be between 1 and the number of classes ({num_classes}), got {k}")
+    names = class_names(num_classes)
+    probabilities = softmax(logits)
+    return [
+        Prediction(
+            indices=tuple(int(i) for i in row),
+            labels=tuple(names[i] for i in row),
+            probabilities=tuple(float(p) for p in probs[row]),
+        )
+        for row, probs in zip(top_k(logits, k), probabilities)
+    ]
+
+
+def predict(
+    variables: Mapping[str, Any],
+    images: Images,
+    *,
+    k: int = DEFAULT_TOP_K,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dtype: Any = jnp.float32,
+) -> list[Prediction]:
+    """Top-k labels and probabilities for each image, as `predict_logits` takes them.
+
+    **Returns:** one `Prediction` per image, in order: `indices`, `labels` and
+    `probabilities` (softmax over all classes), each a k-tuple, most probable first.
+    """
+    return predictions_from_logits(predict_logits(variables, images, batch_size=batch_size, dtype=dtype), k)
+
+
+def features(
+    variables: Mapping[str, Any],
+    images: Images,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dtype: Any = jnp.float32,
+) -> dict[str, np.ndarray]:
+    """The activations AlexNet sows, from the same parameters and model as the logits.
+
+    **Arguments:** as `predict_logits`.
+    **Returns:** float32 NHWC arrays by name; at 224x224 input:
+    relu1 (N, 55, 55, 64), relu2 (N, 27, 27, 192), relu3 (N, 13, 13, 384),
+    relu4 (N, 13, 13, 256), relu5 (N, 13, 13, 256) -- the five conv ReLUs, before
+    any max-pool, which LPIPS reads -- and fc7 (N, 4096), the ReLU after
+    `classifier.4`, the usual image embedding.
+    """
+    params, num_classes = _params_only(variables)
+    x = _as_model_input(images)
+    fn = _compiled_features(num_classes, jnp.dtype(dtype).name)
+    if len(x) == 0:
+        shapes = jax.eval_shape(fn, params, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
+        return {name: np.zeros((0, *shapes[name].shape[1:]), np.float32) for name in FEATURE_NAMES}
+    out = _run_in_chunks(fn, params, x, batch_size)
+    return {name: out[name] for name in FEATURE_NAMES}  # jax.tree.map sorted the keys; keep the network's order
+
+
+@dataclass(frozen=True)
+class DtypeAgreement:
+    """How a lower-precision compute dtype agrees with float32 on the same images."""
+
+    dtype: str
+    num_images: int
+    top1_agree: int
+    top5_same_set: int  # images whose top-5 classes are the same set
+    max_abs_probability_diff: float
+    max_abs_logit_diff: float
+    max_abs_logit: float  # float32's, for scale
+
+    def summary(self) -> str:
+        n = self.num_images
+        return (
+            f"{self.dtype} vs float32 on {n} images: top-1 agree {self.top1_agree}/{n}, "
+            f"same top-5 set {self.top5_same_set}/{n}, largest |probability difference| "
+            f"{self.max_abs_probability_diff:.3g}, largest |logit difference| {self.max_abs_logit_diff:.3g} "
+            f"(largest |logit| {self.max_abs_logit:.3g})"
+        )
+
+
+def dtype_agreement(
+    variables: Mapping[str, Any],
+    images: Images,
+    *,
+    dtype: Any = jnp.bfloat16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> DtypeAgreement:
+    """Compare `dtype` compute (float32 parameters) with float32 compute on `images`."""
+    x = _as_model_input(images)
+    if len(x) == 0:
+        raise ValueError("dtype_agreement needs at least one image")
+    reference = predict_logits(variables, x, batch_size=batch_size)
+    ours = predict_logits(variables, x, batch_size=batch_size, dtype=dtype)
+    k = min(DEFAULT_TOP_K, reference.shape[-1])
+    return DtypeAgreement(
+        dtype=jnp.dtype(dtype).name,
+        num_images=len(x),
+        top1_agree=int((reference.argmax(-1) == ours.argmax(-1)).sum()),
+        top5_same_set=int(sum(set(a) == set(b) for a, b in zip(top_k(reference, k), top_k(ours, k)))),
+        max_abs_probability_diff=float(np.abs(softmax(reference) - softmax(ours)).max()),
+        max_abs_logit_diff=float(np.abs(reference - ours).max()),
+        max_abs_logit=float(np.abs(reference).max()),
+    )
