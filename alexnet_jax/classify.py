@@ -1,0 +1,206 @@
+"""Classify image files and folders: reading, batching, per-file errors, CSV/JSON results.
+
+The logic behind `examples/classify.py`, importable and tested. A file that cannot
+be read never stops a run: it becomes a `FileResult` with a one-line `error`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .io import atomic_write_bytes
+from .predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, Prediction, predict
+from .preprocess import preprocess
+
+RESULT_FORMATS = (".csv", ".json")
+
+
+def _image_suffixes() -> frozenset[str]:
+    Image.init()  # registers every plugin, so the table is complete
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+# Suffixes Pillow can open (.jpg, .png, .webp, .tif, ...): what a folder walk picks up.
+IMAGE_SUFFIXES = _image_suffixes()
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be used; the message is one line, without the path."""
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """The outcome for one file: a prediction, or the reason there is none."""
+
+    path: Path
+    prediction: Prediction | None = None
+    error: str | None = None
+
+
+def load_image(path: str | os.PathLike, *, exif: bool = False) -> Image.Image:
+    """Read and decode one image file completely (so truncation shows here, not later).
+
+    `exif=True` applies the EXIF orientation (`ImageOps.exif_transpose`); the
+    default ignores it, as torchvision's loaders do.
+    **Raises:** ImageReadError with a one-line reason: no such file, not an image,
+    truncated or corrupt, over Pillow's decompression-bomb limit.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image) if exif else image
+    except FileNotFoundError:
+        raise ImageReadError("no such file") from None
+    except IsADirectoryError:
+        raise ImageReadError("is a folder, not an image file") from None
+    except PermissionError:
+        raise ImageReadError("permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageReadError("not an image (Pillow cannot identify the file)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"refused as a possible decompression bomb: {e}") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise OSError, SyntaxError, ValueError, ... on bad bytes
+        raise ImageReadError(f"truncated or corrupt image ({type(e).__name__}: {e})") from None
+
+
+def find_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """The files to classify, in order: each file given as is, each folder walked (sorted, recursively).
+
+    In folders only files with an image suffix (`IMAGE_SUFFIXES`) are taken, and
+    hidden files and folders are left out. A path that does not exist is kept, so
+    that it is reported as "no such file".
+    **Returns:** (files to classify, files skipped in folders for their suffix).
+    """
+    found: list[Path] = []
+    skipped: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            found.append(path)
+            continue
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if name.startswith("."):
+                    continue
+                file = Path(root) / name
+                (found if file.suffix.lower() in IMAGE_SUFFIXES else skipped).append(file)
+    return found, skipped
+
+
+def _read(path: Path, exif: bool) -> np.ndarray:
+    try:
+        return preprocess(load_image(path, exif=exif))
+    except ImageReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a decoded image PIL cannot convert or resize
+        raise ImageReadError(f"cannot preprocess ({type(e).__name__}: {e})") from None
+
+
+def classify_files(
+    variables: Mapping[str, Any],
+    paths: Sequence[Path],
+    *,
+    k: int = DEFAULT_TOP_K,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dtype: Any = jnp.float32,
+    exif: bool = False,
+) -> Iterator[FileResult]:
+    """Classify `paths` in batches, yielding one `FileResult` per path, in order.
+
+    Files are read `batch_size` at a time and only their 224x224 inputs are kept,
+    so memory stays flat however many files there are. Unreadable files yield a
+    result with `error` set and do not take a place in the batch.
+    """
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        inputs: dict[int, np.ndarray] = {}
+        errors: dict[int, str] = {}
+        for i, path in enumerate(chunk):
+            try:
+                inputs[i] = _read(path, exif)
+            except ImageReadError as e:
+                errors[i] = str(e)
+        batch = list(inputs.values())
+        predictions = iter(predict(variables, np.stack(batch), k=k, batch_size=batch_size, dtype=dtype) if batch else [])
+        for i, path in enumerate(chunk):
+            yield FileResult(path, error=errors[i]) if i in errors else FileResult(path, prediction=next(predictions))
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Check before a run that results can be written to `path`. **Raises:** ValueError saying why not."""
+    path = Path(path)
+    if path.suffix.lower() not in RESULT_FORMATS:
+        raise ValueError(f"{path}: results are written as {' or '.join(RESULT_FORMATS)}; got suffix {path.suffix or '(none)'!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: folder {path.parent} does not exist")
+    return path
+
+
+def _rows(results: Iterable[FileResult]) -> list[dict[str, Any]]:
+    return [
+        {
+            "path": str(r.path),
+            "predictions": [
+                {"index": i, "label": label, "probability": p}
+                for i, label, p in zip(r.prediction.indices, r.prediction.labels, r.prediction.probabilities)
+            ]
+            if r.prediction
+            else [],
+            "error": r.error,
+        }
+        for r in results
+    ]
+
+
+def _csv_text(rows: list[dict[str, Any]], k: int) -> str:
+    columns = ["path"] + [f"top{j}_{field}" for j in range(1, k + 1) for field in ("index", "label", "probability")] + ["error"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        flat = {"path": row["path"], "error": row["error"] or ""}
+        for j, entry in enumerate(row["predictions"], start=1):
+            flat.update({f"top{j}_{field}": entry[field] for field in ("index", "label", "probability")})
+        writer.writerow(flat)
+    return buffer.getvalue()
+
+
+def write_results(path: str | os.PathLike, results: Sequence[FileResult]) -> Path:
+    """Write results atomically: `.csv` one row per file (path, top-k index/label/probability, error), or `.json` a list of records.
+
+    **Returns:** the path written. **Raises:** ValueError for another suffix or a missing folder.
+    """
+    path = check_output_path(path)
+    rows = _rows(results)
+    if path.suffix.lower() == ".json":
+        text = json.dumps(rows, indent=1) + "\n"
+    else:
+        k = max((len(row["predictions"]) for row in rows), default=0)
+        text = _csv_text(rows, k)
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return path
+
+
+def format_result(result: FileResult) -> str:
+    """One line for a person: `path: label p; label p; ...` or `path: reason`."""
+    return f"{result.path}: {result.prediction if result.prediction else result.error}"
+
+
+def summarize(results: Sequence[FileResult], skipped: Sequence[Path] = ()) -> str:
+    """One line: how many files were classified, unreadable, and skipped for their suffix."""
+    failed = sum(r.error is not None for r in results)
+    text = f"classified {len(results) - failed} of {len(results)} files, {failed} unreadable"
+    if skipped:
+        text += f", {len(skipped)} skipped (not an image suffix)"
+    return text
