@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -122,6 +123,8 @@ def classify_files(
     so memory stays flat however many files there are. Unreadable files yield a
     result with `error` set and do not take a place in the batch.
     """
+    # Once here, not per chunk: host arrays would be copied to the device again at every call (~0.15 s on CPU).
+    variables = jax.device_put(variables)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         inputs: dict[int, np.ndarray] = {}

@@ -211,7 +211,8 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """
     num_classes = check_variables(variables)
     flat = _flat_params(variables)
+    # Fresh writable copies: torch.from_numpy warns on (and must not alias) read-only jax buffers.
     return {
-        name: np.ascontiguousarray(_TRANSFORMS[transform][1](flat["/".join(path)]))
+        name: np.array(_TRANSFORMS[transform][1](flat["/".join(path)]), order="C", copy=True)
         for name, path, transform, _ in _table(num_classes)
     }

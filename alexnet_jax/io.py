@@ -40,6 +40,42 @@ def _to_numpy_tree(variables: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _to_numpy_tree(v) if isinstance(v, Mapping) else np.asarray(v) for k, v in variables.items()}
 
 
+def variables_to_bytes(variables: Mapping[str, Any], *, safetensors: bool = False) -> bytes:
+    """AlexNet variables as the bytes of a msgpack (default) or safetensors file; the tree is checked first."""
+    check_variables(variables)
+    tree = _to_numpy_tree(variables)
+    if safetensors:
+        from safetensors.numpy import save
+
+        flat = traverse_util.flatten_dict(tree, sep=_SEP)
+        return save({k: np.ascontiguousarray(v) for k, v in flat.items()}, metadata={"format": "alexnet_jax"})
+    return serialization.msgpack_serialize(tree)
+
+
+def variables_from_bytes(data: bytes, *, safetensors: bool = False, name: str = "variables") -> dict[str, Any]:
+    """The inverse of `variables_to_bytes`. **Raises:** ValueError starting with `name` on bad bytes."""
+    try:
+        if safetensors:
+            from safetensors.numpy import load
+
+            tree = traverse_util.unflatten_dict(load(data), sep=_SEP)
+        else:
+            tree = serialization.msgpack_restore(data)
+    except Exception as e:  # noqa: BLE001 - msgpack and safetensors raise many types on bad bytes
+        raise ValueError(f"{name}: truncated or corrupt variables file ({type(e).__name__}: {e})") from e
+    if not isinstance(tree, dict) or "params" not in tree:
+        raise ValueError(f"{name}: not an alexnet_jax variables file (no 'params' at the top)")
+    try:
+        check_variables(tree)
+    except ConversionError as e:
+        raise ValueError(f"{name}: {e}") from e
+    return tree
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    return Path(path).suffix == ".safetensors"
+
+
 def save_variables(path: str | os.PathLike, variables: Mapping[str, Any]) -> Path:
     """Save AlexNet variables (`{"params": ...}`) to `path` atomically.
 
@@ -47,17 +83,8 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any]) -> Pat
     The tree is checked first, so a wrong tree never reaches the disk.
     **Returns:** the path written.
     """
-    check_variables(variables)
-    tree = _to_numpy_tree(variables)
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import save
-
-        flat = traverse_util.flatten_dict(tree, sep=_SEP)
-        data = save({k: np.ascontiguousarray(v) for k, v in flat.items()}, metadata={"format": "alexnet_jax"})
-    else:
-        data = serialization.msgpack_serialize(tree)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, variables_to_bytes(variables, safetensors=is_safetensors(path)))
     return path
 
 
@@ -71,21 +98,4 @@ def load_variables(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    data = path.read_bytes()
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.numpy import load
-
-            tree = traverse_util.unflatten_dict(load(data), sep=_SEP)
-        else:
-            tree = serialization.msgpack_restore(data)
-    except Exception as e:  # noqa: BLE001 - msgpack and safetensors raise many types on bad bytes
-        raise ValueError(f"{path}: truncated or corrupt variables file ({type(e).__name__}: {e})") from e
-    if not isinstance(tree, dict) or "params" not in tree:
-        raise ValueError(f"{path}: not an alexnet_jax variables file (no 'params' at the top)")
-    try:
-        check_variables(tree)
-    except ConversionError as e:
-        raise ValueError(f"{path}: {e}") from e
-    return tree
-
+    return variables_from_bytes(path.read_bytes(), safetensors=is_safetensors(path), name=str(path))

@@ -107,7 +107,8 @@ def _run_in_chunks(fn: Callable, variables: Mapping[str, Any], x: np.ndarray, ba
 def _params_only(variables: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
     # Only 'params': a stale 'intermediates' collection passed back in would be appended to by sow().
     num_classes = check_variables(variables)
-    return {"params": jax.device_put(variables["params"])}, num_classes
+    params = variables["params"] if "params" in variables else variables  # check_variables accepts a bare tree too
+    return {"params": jax.device_put(params)}, num_classes
 
 
 def predict_logits(
@@ -120,7 +121,8 @@ def predict_logits(
     """AlexNet's logits for a batch of images.
 
     **Arguments:** variables `{"params": ...}` (numpy or device arrays; float32 for
-    the bfloat16 compute too); images, a list of PIL images / uint8 arrays of any
+    the bfloat16 compute too; when calling many times, `jax.device_put` them once,
+    or each call copies them to the device again); images, a list of PIL images / uint8 arrays of any
     size (preprocessed as torchvision does) or a float array (N, H, W, 3) that is
     already preprocessed; dtype, the compute dtype (`jnp.bfloat16` computes in
     bfloat16 with the float32 parameters cast at each layer).

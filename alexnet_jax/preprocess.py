@@ -102,7 +102,8 @@ def _as_pil(image: Image.Image | np.ndarray) -> Image.Image:
         except (TypeError, ValueError) as e:
             raise ValueError(
                 f"cannot read an array of shape {image.shape} and dtype {image.dtype} as an image "
-                "(expected uint8 (H, W) / (H, W, 3) / (H, W, 4), uint16 (H, W) or float32 (H, W))"
+                "(expected uint8 (H, W) / (H, W, 3) / (H, W, 4), uint16 (H, W) or float32 (H, W); "
+                "images already preprocessed go to the model as one float (N, H, W, 3) array)"
             ) from e
     raise TypeError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
 

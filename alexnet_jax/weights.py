@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -117,8 +118,9 @@ def fetch_state_dict(url: str = IMAGENET1K_V1.url, *, progress: bool = True) -> 
 
 
 def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message, for one-line errors."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {text[0].split('. ')[0]}" if text else type(e).__name__
 
 
 def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
@@ -153,7 +155,9 @@ def load_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
         return _unwrap(_load_safetensors(path), path)
     torch = _require_torch()
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol chatter; failures are reported below
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; each gets one line
         raise WeightsError(f"{path}: {_why_unreadable(e)}") from e
     return _unwrap(obj, path)
@@ -162,10 +166,16 @@ def load_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
 def _why_unreadable(e: Exception) -> str:
     text = str(e)
     if "Weights only load failed" in text:
-        # The unpickler met a global outside torch's allow-list: code the file wanted to run.
-        found = re.search(r"Unsupported global: (GLOBAL [^\s]+)|Unsupported operand|Unsupported class [^\s]+", text)
-        detail = f" ({found.group(0)})" if found else ""
-        return f"refused: the file asks to run code or build objects other than tensors{detail}; it was not executed"
+        # torch's weights-only unpickler stopped before running anything it does not allow.
+        wanted = re.search(r"GLOBAL ([\w.]+)", text)
+        if wanted:
+            return f"refused: the file asks to run code ({wanted.group(1)}); it was not executed"
+        opcode = re.search(r"Unsupported operand \d+", text)
+        detail = f" ({opcode.group(0)})" if opcode else ""
+        return (
+            "refused: corrupt, or a pickle with instructions that torch's weights-only loader does not "
+            f"allow{detail}; nothing in it was executed"
+        )
     if isinstance(e, (zipfile.BadZipFile, EOFError)) or "zip archive" in text or "PytorchStreamReader" in text:
         return f"truncated or corrupt ({_first_line(e)})"
     return f"not a readable PyTorch file ({_first_line(e)})"

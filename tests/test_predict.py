@@ -180,6 +180,14 @@ def test_fc7_feeds_the_logits(variables, images):
     _assert_close(fc7 @ head["kernel"] + head["bias"], logits, "fc7 @ classifier_6")
 
 
+def test_bare_params_tree_and_wrong_tree(variables, images):
+    with_key = predict_logits(variables, images[:1], batch_size=1)
+    np.testing.assert_array_equal(predict_logits(variables["params"], images[:1], batch_size=1), with_key)
+    broken = {"params": {k: v for k, v in variables["params"].items() if k != "classifier_4"}}
+    with pytest.raises(ValueError, match="missing 2: classifier_4/kernel, classifier_4/bias"):
+        predict(broken, images[:1])
+
+
 def test_empty_batch(variables):
     assert predict_logits(variables, []).shape == (0, 1000)
     assert predict(variables, []) == []

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Convert torchvision AlexNet weights to an alexnet_jax variables file.
+
+    python convert/torch_to_flax.py --verify                       # torchvision's IMAGENET1K_V1, via torch hub
+    python convert/torch_to_flax.py --checkpoint model.pth --output model.msgpack --verify
+
+Kept short on purpose: it parses flags and calls the library. Every failure is one
+line on stderr and a non-zero exit, and no output file is written (writes are
+atomic, and --verify runs before the write). Exit codes: 0 ok, 1 bad input or
+unavailable weights, 2 usage, 3 --verify found a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH = 1, 2, 3
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="torchvision AlexNet weights: a state_dict saved with torch.save (.pth/.pt), a training "
+        "checkpoint holding one under 'state_dict' or 'model', or .safetensors. "
+        "Default: torchvision's IMAGENET1K_V1 weights through torch hub (cached, hash-checked).",
+    )
+    p.add_argument("--url", help="download from this URL instead of torchvision's (a mirror); its file name "
+                   "must keep the '-<sha256 prefix>.' part, which is checked")
+    p.add_argument("--output", type=Path, help="where to write; .safetensors for safetensors, else flax msgpack "
+                   "(default: the source's name with .msgpack, in the current folder)")
+    p.add_argument("--verify", action="store_true", help="compare torch and Flax logits on sample photos first; "
+                   "exit 3 and write nothing on a mismatch")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN or Inf")
+    p.add_argument("--no-progress", action="store_true", help="no download progress bar")
+    return p.parse_args(argv)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _describe_source(path: Path, record) -> str:
+    # Only a file whose own hash matches torchvision's record is called pretrained.
+    if _sha256(path).startswith(record.sha256_prefix):
+        return f"torchvision {record.name} ImageNet weights ({path}, sha256 {record.sha256_prefix}…, acc@1 {record.acc1})"
+    return f"{path} (not torchvision's {record.name} file: its sha256 does not start with {record.sha256_prefix})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    from alexnet_jax import ConversionError, torch_to_flax
+    from alexnet_jax.convert import strip_prefix
+    from alexnet_jax.io import atomic_write_bytes, is_safetensors, variables_from_bytes, variables_to_bytes
+    from alexnet_jax.weights import IMAGENET1K_V1, WeightsError, fetch_state_dict, load_checkpoint
+
+    try:
+        if args.checkpoint is not None:
+            if args.url:
+                raise WeightsError("give --checkpoint or --url, not both")
+            state_dict, path = load_checkpoint(args.checkpoint), args.checkpoint
+        else:
+            state_dict, path = fetch_state_dict(args.url or IMAGENET1K_V1.url, progress=not args.no_progress)
+        print(f"source: {_describe_source(path, IMAGENET1K_V1)}")
+        output = args.output or Path(path.stem + ".msgpack")
+        if output.is_dir():
+            raise WeightsError(f"--output {output} is a folder; name a file")
+        if not output.parent.is_dir():
+            raise WeightsError(f"--output {output}: folder {output.parent} does not exist")
+
+        state_dict = strip_prefix(state_dict)
+        variables = torch_to_flax(state_dict, allow_nonfinite=args.allow_nonfinite)
+        data = variables_to_bytes(variables, safetensors=is_safetensors(output))
+        restored = variables_from_bytes(data, safetensors=is_safetensors(output), name=str(output))
+        num_params = sum(a.size for module in restored["params"].values() for a in module.values())
+        num_classes = restored["params"]["classifier_6"]["bias"].shape[0]
+        print(f"converted: {len(state_dict)} tensors, {num_params:,} parameters, {num_classes} classes")
+
+        if args.verify:
+            from alexnet_jax.verify import verify
+
+            # The restored bytes are what lands on disk, so this checks the file, not just the arrays.
+            report = verify(state_dict, restored)
+            print(f"verify: {report.summary()}")
+            if not report.passed:
+                print(f"error: --verify found a mismatch; {output} was not written", file=sys.stderr)
+                return EXIT_MISMATCH
+        atomic_write_bytes(output, data)
+        print(f"wrote {output} ({len(data) / 1e6:.1f} MB); load it with alexnet_jax.load_variables")
+        return 0
+    except (WeightsError, ConversionError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Shared fixtures: the real torchvision, seeded weights in its exact format, real photos."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+
+# Parity must hold at full float32; GPU and TPU default to lower-precision matmuls.
+import jax
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+def _import_torchvision():
+    """Import the real torchvision, working around a CUDA build on a CPU-only torch.
+
+    torchvision 0.28.0 on PyPI is a CUDA build; against the CPU torch its C++ ops fail
+    to load and the import dies with "operator torchvision::nms does not exist". The
+    Python parts we test (models, transforms) need only the schemas of the two ops
+    that `_meta_registrations` registers fakes for, so define those and import again.
+    Done only in tests and only when the extension failed.
+    """
+    try:
+        return importlib.import_module("torchvision")
+    except RuntimeError as e:
+        if "torchvision::nms" not in str(e):
+            raise
+    import torch
+
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]  # drop the half-imported package before trying again
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+    _import_torchvision.library = lib  # keep the definitions alive for the session
+    return importlib.import_module("torchvision")
+
+
+@pytest.fixture(scope="session")
+def torchvision():
+    return _import_torchvision()
+
+
+@pytest.fixture(scope="session")
+def torchvision_state_dict(torchvision):
+    """state_dict of `torchvision.models.alexnet()` initialized under a seed, exactly as torchvision stores it."""
+    import torch
+
+    cache = {}
+
+    def make(seed: int = 0, num_classes: int = 1000):
+        if (seed, num_classes) not in cache:
+            torch.manual_seed(seed)
+            model = torchvision.models.alexnet(num_classes=num_classes)
+            cache[seed, num_classes] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return cache[seed, num_classes]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photos that scikit-image ships, as PIL RGB images, by name."""
+    from PIL import Image
+    from skimage import data
+
+    return {name: Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTO_NAMES}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def flax_variables():
+    """Flax-initialized AlexNet variables, cached by (seed, num_classes): init draws 61M numbers, ~3 s."""
+    import jax.numpy as jnp
+
+    from alexnet_jax import AlexNet
+
+    cache = {}
+
+    def make(seed: int = 0, num_classes: int = 1000):
+        if (seed, num_classes) not in cache:
+            init = jax.jit(AlexNet(num_classes=num_classes).init)
+            cache[seed, num_classes] = jax.device_get(init(jax.random.key(seed), jnp.zeros((1, 63, 63, 3))))
+        return cache[seed, num_classes]
+
+    return make

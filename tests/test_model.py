@@ -1,0 +1,91 @@
+"""The Flax module's architecture: shapes, the adaptive pool, dropout, parameter count."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import IMAGENET1K_V1, AlexNet, check_variables
+from alexnet_jax.model import FEATURE_NAMES, adaptive_avg_pool, adaptive_pool_matrix
+
+
+@pytest.fixture(scope="module")
+def variables(flax_variables):
+    return flax_variables()
+
+
+def test_parameter_count_matches_torchvision_record(variables):
+    assert sum(x.size for x in jax.tree.leaves(variables)) == IMAGENET1K_V1.num_params == 61_100_840
+
+
+def test_layer_names_follow_torchvision_modules(variables):
+    assert sorted(variables["params"]) == sorted(
+        ["features_0", "features_3", "features_6", "features_8", "features_10", "classifier_1", "classifier_4", "classifier_6"]
+    )
+    assert check_variables(variables) == 1000
+
+
+@pytest.mark.parametrize(
+    "size, conv1, relu5",
+    [((224, 224), (55, 55), (13, 13)), ((227, 227), (56, 56), (13, 13)), ((256, 320), (63, 79), (15, 19)), ((63, 63), (15, 15), (3, 3))],
+)
+def test_activation_shapes(variables, size, conv1, relu5):
+    # conv1 at 224 is 55x55 only with torchvision's explicit padding 2; 'SAME' would give 56x56.
+    x = jnp.zeros((2, *size, 3))
+    logits, state = AlexNet().apply(variables, x, mutable=["intermediates"])
+    inter = {k: v[0] for k, v in state["intermediates"].items()}
+    assert sorted(inter) == sorted(FEATURE_NAMES)
+    assert inter["relu1"].shape == (2, *conv1, 64)
+    assert inter["relu5"].shape == (2, *relu5, 256)
+    assert inter["fc7"].shape == (2, 4096)
+    assert logits.shape == (2, 1000)
+
+
+def test_smaller_than_min_size_is_a_clear_error(variables):
+    with pytest.raises(ValueError, match="at least 63x63"):
+        AlexNet().apply(variables, jnp.zeros((1, 62, 100, 3)))
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        AlexNet().apply(variables, jnp.zeros((1, 3, 224, 224)))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 7, 9, 12, 13, 15, 19, 25])
+def test_adaptive_pool_matches_torch(n):
+    import torch
+
+    x = np.random.default_rng(n).standard_normal((2, n, n + 4, 3)).astype(np.float32)
+    want = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(x.transpose(0, 3, 1, 2)), (6, 6)).numpy()
+    got = np.asarray(adaptive_avg_pool(jnp.asarray(x))).transpose(0, 3, 1, 2)
+    # Separable matmul vs torch's direct window sum: float32 rounding only.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_adaptive_pool_windows_overlap_like_torch():
+    # n=7: windows [0,2) [1,3) [2,4) [3,5) [4,6) [5,7), each of length 2, overlapping.
+    m = adaptive_pool_matrix(7)
+    assert [tuple(np.flatnonzero(row)) for row in m] == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
+    np.testing.assert_allclose(m.sum(1), 1.0)
+
+
+def test_dropout_only_in_training(variables):
+    x = jax.random.normal(jax.random.key(1), (2, 224, 224, 3))
+    model = AlexNet()
+    eval_a = model.apply(variables, x)
+    eval_b = model.apply(variables, x, train=False)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train_a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    train_b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(3)})
+    assert not np.allclose(train_a, eval_a)
+    assert not np.allclose(train_a, train_b)
+    no_dropout = AlexNet(dropout_rate=0.0).apply(variables, x, train=True)
+    np.testing.assert_allclose(no_dropout, eval_a, rtol=1e-6, atol=1e-7)
+
+
+def test_num_classes_and_dtypes(flax_variables):
+    model = AlexNet(num_classes=10, dtype=jnp.bfloat16)
+    variables = flax_variables(0, 10)
+    assert variables["params"]["classifier_6"]["kernel"].shape == (4096, 10)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+    assert model.apply(variables, jnp.zeros((3, 100, 80, 3))).dtype == jnp.bfloat16
+    assert check_variables(variables) == 10
