@@ -123,6 +123,8 @@ def classify_files(
     so memory stays flat however many files there are. Unreadable files yield a
     result with `error` set and do not take a place in the batch.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     # Once here, not per chunk: host arrays would be copied to the device again at every call (~0.15 s on CPU).
     variables = jax.device_put(variables)
     for start in range(0, len(paths), batch_size):

@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         tqdm.write(format_result(result), file=sys.stderr if result.error else sys.stdout)
     if args.output is not None:
-        write_results(args.output, results)
+        try:
+            write_results(args.output, results)
+        except (OSError, ValueError) as e:
+            print(f"error: could not write {args.output}: {e}", file=sys.stderr)
+            return 1
     print(summarize(results, skipped) + (f"; results in {args.output}" if args.output else ""), file=sys.stderr)
     named_failed = any(r.error and r.path in named for r in results)
     return 1 if named_failed or not any(r.prediction for r in results) else 0
