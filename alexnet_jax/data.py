@@ -1,0 +1,313 @@
+"""ImageFolder input pipeline: torchvision's class rule and transforms, Grain workers, exact resume.
+
+Layout `root/<class>/<image>`; class indices come from the sorted class folder names,
+as in `torchvision.datasets.ImageFolder`. Train images get torchvision's reference
+augmentation (RandomResizedCrop(S, scale 0.08-1, ratio 3/4-4/3) + horizontal flip);
+eval images get `alexnet_jax.preprocess` (resize 256, center crop 224), scaled for
+other sizes S to resize round(S * 256 / 224), crop S.
+
+Determinism: the order of epoch e is a permutation drawn from (seed, e), and the
+augmentation of the example at position i of epoch e from (seed, e, i). Batch t of a
+run is therefore a function of (seed, t) alone: resuming at step t restores the data
+position exactly, and the number of worker processes changes nothing.
+
+A file that cannot be read becomes a zero image with mask 0 (no weight in the loss
+or the metrics) and is counted in the batch's `skipped`; it never stops a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grain
+from absl import flags
+import numpy as np
+from PIL import Image
+
+from .classify import IMAGE_SUFFIXES, ImageReadError, load_image
+from .model import MIN_SIZE
+from .preprocess import CROP_SIZE, MEAN_RGB, RESIZE_SIZE, STDDEV_RGB, _center_crop, _resize_shorter, _to_unit_float, preprocess, to_model_mode
+
+# torchvision's RandomResizedCrop defaults and its reference recipe's flip probability.
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+FLIP_PROBABILITY = 0.5
+_CROP_ATTEMPTS = 10  # torchvision tries 10 random boxes before falling back to a center crop
+# Salts that keep the permutation stream and the augmentation stream apart.
+_ORDER, _AUGMENT = 0, 1
+
+
+class DataError(ValueError):
+    """A data folder that cannot be used; the message is one line naming the folder."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolder:
+    """The files of an ImageFolder tree: sorted class names and (path, class index) pairs in walk order."""
+
+    root: Path
+    classes: tuple[str, ...]
+    samples: tuple[tuple[str, int], ...]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -> ImageFolder:
+    """Index `root/<class>/<image>` as torchvision's `ImageFolder` does.
+
+    Class folders are the sub-folders of `root` (hidden ones left out), sorted by
+    name; index i is the i-th name. Images are the files with a suffix Pillow reads,
+    found recursively and sorted. `classes` (e.g. the training set's) makes a
+    validation folder use the same indices; its folders must be those classes.
+    **Raises:** DataError for a missing root, no class folders, class folders with
+    no image, or class folders that differ from `classes`.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise DataError(f"{root}: no class folders (expected the layout {root}/<class>/<image>)")
+    if classes is not None and tuple(found) != tuple(classes):
+        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+        raise DataError(
+            f"{root}: class folders differ from the training set's (missing: {', '.join(missing) or '-'}; "
+            f"not in training: {', '.join(extra) or '-'})"
+        )
+    samples, empty = [], []
+    for index, name in enumerate(found):
+        files = _image_files(root / name)
+        if not files:
+            empty.append(name)
+        samples.extend((f, index) for f in files)
+    if empty:
+        raise DataError(f"{root}: no image files in class folder(s) {', '.join(empty)}")
+    return ImageFolder(root, tuple(found), tuple(samples))
+
+
+def _image_files(folder: Path) -> list[str]:
+    files = []
+    for dirpath, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files.extend(
+            str(Path(dirpath) / f) for f in sorted(names) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES
+        )
+    return files
+
+
+def eval_resize_size(image_size: int) -> int:
+    """torchvision's 256/224 resize-to-crop ratio at another crop size: round(S * 256 / 224)."""
+    return RESIZE_SIZE if image_size == CROP_SIZE else round(image_size * RESIZE_SIZE / CROP_SIZE)
+
+
+def check_image_size(image_size: int) -> None:
+    """**Raises:** DataError when AlexNet cannot take `image_size` x `image_size` inputs."""
+    if image_size < MIN_SIZE:
+        raise DataError(f"image size {image_size} is below AlexNet's minimum of {MIN_SIZE}")
+
+
+def _normalize(array: np.ndarray) -> np.ndarray:
+    # `preprocess`'s last steps (scale to [0, 1], grey to three channels, Normalize), for
+    # crops it cannot make: it always resizes to 256 and crops 224. To be replaced by a
+    # public helper in preprocess.py, so that the numbers have one implementation.
+    x = _to_unit_float(array)
+    if x.ndim == 2:
+        x = np.repeat(x[:, :, None], 3, axis=2)
+    return (x - np.asarray(MEAN_RGB, np.float32)) / np.asarray(STDDEV_RGB, np.float32)
+
+
+def eval_transform(image: Image.Image, image_size: int = CROP_SIZE) -> np.ndarray:
+    """The inference preprocessing at `image_size`: exactly `preprocess` at 224.
+
+    **Returns:** float32 (image_size, image_size, 3), normalized, NHWC.
+    """
+    if image_size == CROP_SIZE:
+        return preprocess(image)
+    resized = _resize_shorter(to_model_mode(image), eval_resize_size(image_size))
+    return _normalize(_center_crop(np.asarray(resized), image_size))
+
+
+def random_resized_crop_box(
+    width: int, height: int, rng: np.random.Generator, scale=CROP_SCALE, ratio=CROP_RATIO
+) -> tuple[int, int, int, int]:
+    """torchvision's `RandomResizedCrop.get_params`: a box of random area and aspect ratio.
+
+    **Returns:** (left, top, box width, box height) in pixels.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(_CROP_ATTEMPTS):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    # Fallback: the whole image, cropped to the ratio range, centered.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def train_transform(image: Image.Image, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """RandomResizedCrop(image_size) + horizontal flip (p 0.5), then `preprocess`'s normalization.
+
+    **Returns:** float32 (image_size, image_size, 3), normalized, NHWC.
+    """
+    image = to_model_mode(image)
+    left, top, w, h = random_resized_crop_box(*image.size, rng)
+    # crop, then resize (torchvision's resized_crop), with PIL's antialiasing bilinear.
+    image = image.crop((left, top, left + w, top + h)).resize((image_size, image_size), Image.BILINEAR)
+    if rng.uniform() < FLIP_PROBABILITY:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return _normalize(np.asarray(image))
+
+
+def _read(path: str) -> Image.Image | None:
+    try:
+        return load_image(path)
+    except ImageReadError as e:
+        print(f"warning: skipping {path}: {e}", file=sys.stderr, flush=True)
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchLoader:
+    """Batch index -> batch dict. Picklable, so Grain can run it in worker processes."""
+
+    samples: tuple[tuple[str, int], ...]
+    image_size: int
+    batch_size: int  # per process
+    train: bool
+    seed: int = 0
+    steps_per_epoch: int = 0
+    shard_index: int = 0
+    shard_count: int = 1
+
+    def _positions(self, step: int) -> tuple[int, np.ndarray]:
+        # (epoch, sample indices of this process's part of global batch `step`, -1 for padding).
+        global_batch = self.batch_size * self.shard_count
+        first = self.shard_index * self.batch_size
+        if not self.train:
+            idx = np.arange(step * global_batch + first, step * global_batch + first + self.batch_size)
+            return 0, np.where(idx < len(self.samples), idx, -1)
+        epoch, b = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.samples), self.seed, epoch)
+        start = b * global_batch + first
+        return epoch, order[start : start + self.batch_size]
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        epoch, indices = self._positions(int(step))
+        size = self.image_size
+        images = np.zeros((len(indices), size, size, 3), np.float32)
+        labels = np.zeros(len(indices), np.int32)
+        mask = np.zeros(len(indices), np.float32)
+        skipped = 0
+        first = int(step) * self.batch_size * self.shard_count + self.shard_index * self.batch_size
+        for j, i in enumerate(indices):
+            if i < 0:
+                continue
+            path, labels[j] = self.samples[i]
+            image = _read(path)
+            if image is None:
+                skipped += 1
+                continue
+            if self.train:
+                rng = np.random.default_rng([self.seed, _AUGMENT, epoch, first + j])
+                images[j] = train_transform(image, size, rng)
+            else:
+                images[j] = eval_transform(image, size)
+            mask[j] = 1.0
+        return {"image": images, "label": labels, "mask": mask, "skipped": np.int32(skipped)}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the n training examples in `epoch`: a permutation drawn from (seed, epoch)."""
+    return np.random.default_rng([seed, _ORDER, epoch]).permutation(n)
+
+
+def steps_per_epoch(n: int, global_batch_size: int) -> int:
+    """Full batches per epoch; the last partial batch is dropped so every step has the same shape."""
+    return n // global_batch_size
+
+
+def _iterate(loader: _BatchLoader, start: int, stop: int, workers: int) -> Iterator[dict[str, np.ndarray]]:
+    dataset = grain.MapDataset.range(start, stop).map(loader)
+    if workers > 0:
+        # Grain 0.2.18 reads an absl flag when it starts workers and fails in programs that
+        # never parse absl flags (google/grain#1355); their defaults are what we want.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        # Each worker process builds whole batches; Grain hands them back in index order.
+        iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+        )
+    else:
+        # Threads in this process: Pillow releases the GIL while it decodes and resizes.
+        iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+    iterator = iter(iterable)
+    try:
+        yield from iterator
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def train_batches(
+    folder: ImageFolder,
+    *,
+    batch_size: int,
+    image_size: int,
+    seed: int,
+    start_step: int = 0,
+    num_steps: int,
+    workers: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Training batches for steps `start_step` .. `num_steps - 1`, across epochs.
+
+    `batch_size` is the global batch; with `shard_count` processes, process
+    `shard_index` gets its contiguous 1/shard_count part of every global batch (the
+    hook for multi-host training). `workers` > 0 decodes in that many processes.
+    **Yields:** {"image": float32 (B, S, S, 3), "label": int32 (B,), "mask": float32
+    (B,), "skipped": int32 ()} with B = batch_size // shard_count.
+    """
+    check_image_size(image_size)
+    if batch_size % shard_count:
+        raise DataError(f"batch size {batch_size} does not split over {shard_count} processes")
+    per_epoch = steps_per_epoch(len(folder), batch_size)
+    if per_epoch == 0:
+        raise DataError(f"{folder.root}: {len(folder)} images is less than one batch of {batch_size}")
+    loader = _BatchLoader(
+        folder.samples, image_size, batch_size // shard_count, True, seed, per_epoch, shard_index, shard_count
+    )
+    return _iterate(loader, start_step, num_steps, workers)
+
+
+def eval_batches(
+    folder: ImageFolder, *, batch_size: int, image_size: int, workers: int = 0, shard_index: int = 0, shard_count: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every image of `folder` once, in folder order, with `eval_transform`; the last batch is padded (mask 0).
+
+    **Yields:** the same dicts as `train_batches`.
+    """
+    check_image_size(image_size)
+    if batch_size % shard_count:
+        raise DataError(f"batch size {batch_size} does not split over {shard_count} processes")
+    loader = _BatchLoader(folder.samples, image_size, batch_size // shard_count, False, 0, 0, shard_index, shard_count)
+    return _iterate(loader, 0, math.ceil(len(folder) / batch_size), workers)
