@@ -64,3 +64,13 @@ def test_other_files_are_clear_errors(tmp_path):
     no_params.write_bytes(serialization.msgpack_serialize({"weights": np.zeros(3)}))
     with pytest.raises(ValueError, match="no 'params' at the top"):
         load_variables(no_params)
+
+
+def test_written_file_follows_the_umask(tmp_path, flax_variables):
+    # The temporary file behind the atomic write is created 0600; the result must not stay private.
+    umask = os.umask(0o022)
+    try:
+        path = save_variables(tmp_path / "w.msgpack", flax_variables())
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
