@@ -7,15 +7,19 @@
 A batch is a dict of numpy or jax arrays: `image` float32 (N, H, W, 3) normalized as
 `alexnet_jax.preprocess` does, `label` int32 (N,), `mask` float32 (N,) with 0 for
 padding and for images that could not be read (they count for nothing).
-The loop that drives these (data, checkpoints, metrics) is `alexnet_jax.loop`.
+`train_and_evaluate` drives them: data, evaluation, checkpoints, metrics, curves.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -265,3 +269,263 @@ def lr_for_recipe(recipe: str, lr: float, steps_per_epoch: int, *, step_epochs: 
 def default_weight_decay(recipe: str) -> float:
     """1e-4 for torchvision's recipe, 5e-4 for the paper's."""
     return PAPER_WEIGHT_DECAY if recipe == "paper" else WEIGHT_DECAY
+
+
+# --- The training loop: data, steps, evaluation, checkpoints, metrics -------------------------
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+FINAL_VARIABLES_FILE = "final.msgpack"
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+# Fields that decide the trajectory: a resumed run must have the same ones to end where an
+# uninterrupted run would. `epochs` may grow (StepLR does not depend on it); `workers` changes nothing.
+_RUN_DEFINING = (
+    "data", "batch_size", "image_size", "seed", "recipe", "lr", "weight_decay", "lr_step_epochs",
+    "patience", "num_classes", "init_from", "freeze_features",
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One training run. `lr=None` means `scaled_lr(batch_size)`; `weight_decay=None` the recipe's."""
+
+    data: str
+    val_data: str
+    epochs: int = EPOCHS
+    batch_size: int = BASE_BATCH_SIZE
+    lr: float | None = None
+    image_size: int = 224
+    init_from: str | None = None
+    num_classes: int | None = None  # default: the number of class folders
+    seed: int = 0
+    recipe: str = "torchvision"
+    weight_decay: float | None = None
+    lr_step_epochs: int = LR_STEP_EPOCHS
+    patience: int = 1  # paper recipe: evaluations without a better val top-1 before lr /= 10
+    freeze_features: bool = False
+    workers: int = 0
+    save_every: int = 1000  # steps; 0 saves only at the end of each epoch
+    keep: int = 3
+    progress: bool = True
+
+    def resolved(self, num_class_folders: int) -> TrainConfig:
+        """A copy with the defaults that depend on the data and the recipe filled in, and paths made absolute."""
+        return dataclasses.replace(
+            self,
+            data=str(Path(self.data).absolute()),
+            val_data=str(Path(self.val_data).absolute()),
+            init_from=None if self.init_from is None else str(Path(self.init_from).absolute()),
+            lr=scaled_lr(self.batch_size) if self.lr is None else self.lr,
+            weight_decay=default_weight_decay(self.recipe) if self.weight_decay is None else self.weight_decay,
+            num_classes=num_class_folders if self.num_classes is None else self.num_classes,
+        )
+
+
+def _check_config(config: TrainConfig) -> None:
+    from .data import check_image_size
+
+    check_image_size(config.image_size)
+    for name in ("epochs", "batch_size", "keep", "patience", "lr_step_epochs"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.save_every < 0 or config.workers < 0:
+        raise ValueError("save-every and workers must be at least 0")
+    if config.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {config.recipe!r}; expected one of {', '.join(RECIPES)}")
+    if config.lr is not None and not config.lr > 0:
+        raise ValueError(f"lr must be positive, got {config.lr}")
+
+
+def _initial_params(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
+    from .io import load_variables
+
+    if config.init_from is None:
+        return init_params(model, seed=config.seed)
+    params = load_variables(config.init_from)["params"]
+    if params["classifier_6"]["kernel"].shape[1] != config.num_classes:
+        # Fine-tuning: keep the body, draw a new head for this data set's classes.
+        params = replace_head(params, config.num_classes, seed=config.seed)
+    return params
+
+
+def _prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: int | None) -> None:
+    config_path = workdir / CONFIG_FILE
+    if resume and latest is None:
+        raise FileNotFoundError(f"{workdir}: no checkpoint to resume from (start without --resume)")
+    if not resume and latest is not None:
+        raise FileExistsError(f"{workdir}: already holds checkpoints up to step {latest}; pass --resume or use a new workdir")
+    if resume and config_path.is_file():
+        saved = json.loads(config_path.read_text())
+        changed = [f"{k} ({saved.get(k)!r} -> {getattr(config, k)!r})" for k in _RUN_DEFINING if saved.get(k) != getattr(config, k)]
+        if changed:
+            raise ValueError(f"{workdir}: cannot resume exactly with a different {', '.join(changed)}")
+    config_path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    # Lines written after the checkpoint we resume from would be written again: drop them.
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def evaluate(state: TrainState, batches) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 over `batches` (from `data.eval_batches`), plus the count of skipped files."""
+    sums, skipped = [], 0
+    for batch in batches:
+        skipped += int(batch.pop("skipped"))
+        sums.append(eval_step(state, batch))
+    return {**summarize_eval(jax.device_get(sums)), "skipped": skipped}
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    workdir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train AlexNet on `config.data`, evaluate on `config.val_data` every epoch, checkpoint, log.
+
+    Writes into `workdir`: checkpoints/ (Orbax; every `save_every` steps and each
+    epoch's end; last `keep` and the best kept), metrics.jsonl (one line per
+    evaluation), config.json, and at the end final.msgpack (`load_variables` reads
+    it) and curves.png. `resume=True` continues from the latest checkpoint and ends
+    with the same parameters as a run never interrupted. `on_checkpoint(step)` is
+    called after each checkpoint is on disk (tests use it to kill the run).
+    **Returns:** the last metrics line, with "final_variables" added.
+    **Raises:** DataError, FileNotFoundError/FileExistsError (workdir), ValueError
+    (config), NonFiniteLossError.
+    """
+    from tqdm import tqdm
+
+    from .checkpoint import Checkpoints
+    from .data import eval_batches, image_folder, steps_per_epoch, train_batches
+    from .io import save_variables
+    from .model import AlexNet
+
+    _check_config(config)
+    train_data = image_folder(config.data)
+    val_data = image_folder(config.val_data, classes=train_data.classes)
+    config = config.resolved(len(train_data.classes))
+    if config.num_classes < len(train_data.classes):
+        raise ValueError(f"num-classes {config.num_classes} is less than the {len(train_data.classes)} class folders in {config.data}")
+    per_epoch = steps_per_epoch(len(train_data), config.batch_size)
+    if per_epoch == 0:
+        raise ValueError(f"{config.data}: {len(train_data)} images is less than one batch of {config.batch_size}")
+    total_steps = config.epochs * per_epoch
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, keep=config.keep)
+    _prepare_workdir(workdir, config, resume, checkpoints.latest_step())
+
+    model = AlexNet(num_classes=config.num_classes)
+    tx = make_optimizer(
+        lr_for_recipe(config.recipe, config.lr, per_epoch, step_epochs=config.lr_step_epochs),
+        weight_decay=config.weight_decay,
+        freeze_features=config.freeze_features,
+    )
+    state = create_train_state(model, _initial_params(config, model), tx, seed=config.seed)
+    loop: dict[str, Any] = {"epoch_loss": 0.0, "epoch_top1": 0.0, "epoch_steps": 0, "skipped": 0,
+                            "plateau": dataclasses.asdict(Plateau(patience=config.patience))}
+    metrics_path = workdir / METRICS_FILE
+    if resume:
+        state, loop = checkpoints.restore(state)
+        _truncate_metrics(metrics_path, int(state.step))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    plateau = Plateau(**loop["plateau"])
+    step = int(state.step)
+
+    def save(val_top1: float | None = None) -> None:
+        record = {**loop, "plateau": dataclasses.asdict(plateau), "epoch": step // per_epoch}
+        if checkpoints.save(state, record, val_top1=val_top1) and on_checkpoint is not None:
+            checkpoints.wait()
+            on_checkpoint(step)
+
+    last: dict[str, Any] = {}
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not config.progress, dynamic_ncols=True)
+    started, images = time.perf_counter(), 0
+    batches = train_batches(
+        train_data, batch_size=config.batch_size, image_size=config.image_size, seed=config.seed,
+        start_step=step, num_steps=total_steps, workers=config.workers,
+    )
+    try:
+        for batch in batches:
+            loop["skipped"] += int(batch.pop("skipped"))
+            state, metrics = train_step(state, batch)
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                good = checkpoints.latest_step()
+                kept = f"the last good checkpoint is step {good} in {checkpoints.directory}" if good is not None else "no checkpoint was written yet"
+                raise NonFiniteLossError(f"loss is {loss} at step {step + 1} (epoch {step // per_epoch + 1}); stopped, {kept}. Try a lower --lr")
+            step += 1
+            loop["epoch_loss"] += loss
+            loop["epoch_top1"] += float(metrics["top1"])
+            loop["epoch_steps"] += 1
+            images += config.batch_size
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / (time.perf_counter() - started):.1f}")
+            if step % per_epoch == 0:
+                val = evaluate(state, eval_batches(val_data, batch_size=config.batch_size, image_size=config.image_size, workers=config.workers))
+                last = {
+                    "step": step, "epoch": step // per_epoch,
+                    "train_loss": loop["epoch_loss"] / loop["epoch_steps"],
+                    "train_top1": loop["epoch_top1"] / loop["epoch_steps"],
+                    "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+                    "lr": float(metrics["lr"]), "skipped_train": loop["skipped"], "skipped_val": val["skipped"],
+                }
+                if config.recipe == "paper" and plateau.update(val["top1"]):
+                    state = set_learning_rate(state, current_learning_rate(state) * plateau.factor)
+                loop.update(epoch_loss=0.0, epoch_top1=0.0, epoch_steps=0)
+                save(val_top1=val["top1"])
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+                bar.write(
+                    f"epoch {last['epoch']}: train loss {last['train_loss']:.4f}, val loss {val['loss']:.4f}, "
+                    f"top-1 {val['top1']:.4f}, top-5 {val['top5']:.4f}"
+                )
+            elif config.save_every and step % config.save_every == 0:
+                save()
+    finally:
+        bar.close()
+        checkpoints.close()
+    final = save_variables(workdir / FINAL_VARIABLES_FILE, {"params": jax.device_get(state.params)})
+    plot_curves(metrics_path, workdir / CURVES_FILE)
+    return {**last, "final_variables": str(final)}
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The lines of a metrics.jsonl file, as dicts."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
+    """Loss (train and val) and val top-1/top-5 per epoch from metrics.jsonl, as a two-panel PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path) if Path(metrics_path).is_file() else []
+    epochs = [r["epoch"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
+    left.plot(epochs, [r["val_loss"] for r in rows], "o-", label="val")
+    left.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    right.plot(epochs, [r["val_top1"] for r in rows], "o-", label="val top-1")
+    right.plot(epochs, [r["val_top5"] for r in rows], "o-", label="val top-5")
+    right.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="validation accuracy")
+    for ax in (left, right):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return Path(png_path)

@@ -1,0 +1,156 @@
+"""The training loop end to end: learning, SIGKILL and exact resume, non-finite loss, CLI errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnet_jax import AlexNet, load_variables, save_variables
+from alexnet_jax.checkpoint import Checkpoints
+from alexnet_jax.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    create_train_state,
+    init_params,
+    lr_for_recipe,
+    make_optimizer,
+    read_metrics,
+    train_and_evaluate,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+COLORS = ((220, 40, 40), (40, 200, 40), (40, 40, 220))  # one class per dominant colour: learnable in a few steps
+
+
+def _colour_folder(root: Path, per_class: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for c, colour in enumerate(COLORS):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            noise = rng.normal(0, 40, (64, 64, 3))
+            pixels = np.clip(np.asarray(colour) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    return _colour_folder(root / "train", 8, 0), _colour_folder(root / "val", 3, 1)
+
+
+def _config(data, **kw) -> TrainConfig:
+    train, val = data
+    defaults = dict(
+        data=str(train), val_data=str(val), epochs=2, batch_size=6, lr=0.01, image_size=64,
+        save_every=3, keep=1, progress=False,
+    )
+    return TrainConfig(**{**defaults, **kw})
+
+
+def test_killed_and_resumed_run_ends_with_the_same_parameters(data, tmp_path):
+    """Bit-exact: the resumed run replays the same batches, dropout keys and XLA programs on the same CPU."""
+    config = _config(data, batch_size=12)  # 24 images: 2 steps per epoch, 4 steps; saves at 2, 3, 4
+    straight = train_and_evaluate(config, tmp_path / "straight")
+
+    killed = tmp_path / "killed"
+    script = (
+        "import os, signal, sys\n"
+        "from alexnet_jax.train import TrainConfig, train_and_evaluate\n"
+        "config = TrainConfig(**__import__('json').loads(sys.argv[1]))\n"
+        "def kill(step):\n"
+        "    if step == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "train_and_evaluate(config, sys.argv[2], on_checkpoint=kill)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(dataclasses.asdict(config)), str(killed)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    assert not (killed / "final.msgpack").exists()
+    assert Checkpoints(killed / "checkpoints").latest_step() == 3  # mid-epoch 2
+    assert [m["step"] for m in read_metrics(killed / "metrics.jsonl")] == [2]
+
+    resumed = train_and_evaluate(config, killed, resume=True)
+    ours, theirs = load_variables(killed / "final.msgpack"), load_variables(tmp_path / "straight" / "final.msgpack")
+    for layer in theirs["params"]:
+        for leaf in theirs["params"][layer]:
+            np.testing.assert_array_equal(ours["params"][layer][leaf], theirs["params"][layer][leaf], err_msg=layer)
+    assert read_metrics(killed / "metrics.jsonl") == read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert resumed == {**straight, "final_variables": str(killed / "final.msgpack")}
+
+
+def test_a_short_run_learns_and_writes_metrics_curves_and_weights(data, tmp_path):
+    last = train_and_evaluate(_config(data, epochs=4, save_every=0), tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert {"step", "epoch", "train_loss", "val_loss", "val_top1", "val_top5"} <= set(rows[0])
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert last["val_top1"] >= 0.8, rows  # chance is 1/3
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+    assert load_variables(tmp_path / "final.msgpack")["params"]["classifier_6"]["kernel"].shape == (4096, 3)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step (\d+) .*last good checkpoint is step"):
+        train_and_evaluate(_config(data, lr=1e8, save_every=1), tmp_path)
+    checkpoints = Checkpoints(tmp_path / "checkpoints")
+    step = checkpoints.latest_step()
+    assert step is not None and not (tmp_path / "final.msgpack").exists()
+    model = AlexNet(num_classes=3)
+    tx = make_optimizer(lr_for_recipe("torchvision", 1e8, steps_per_epoch=4))  # the run's optimizer structure
+    template = create_train_state(model, init_params(model, seed=0), tx, seed=0)
+    state, _ = checkpoints.restore(template)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_fine_tuning_replaces_the_head_and_can_freeze_the_features(data, tmp_path, flax_variables):
+    source = tmp_path / "imagenet_like.msgpack"
+    save_variables(source, flax_variables(0, 1000))
+    train_and_evaluate(
+        _config(data, epochs=1, save_every=0, init_from=str(source), freeze_features=True), tmp_path / "run"
+    )
+    before, after = flax_variables(0, 1000)["params"], load_variables(tmp_path / "run" / "final.msgpack")["params"]
+    assert after["classifier_6"]["kernel"].shape == (4096, 3)
+    np.testing.assert_array_equal(after["features_0"]["kernel"], before["features_0"]["kernel"])
+    assert not np.array_equal(after["classifier_4"]["kernel"], before["classifier_4"]["kernel"])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "examples/train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_reports_bad_input_in_one_line(data, tmp_path):
+    train, val = data
+    base = ["--data", str(train), "--val-data", str(val), "--workdir", str(tmp_path / "w"), "--no-progress", "--batch-size", "6"]
+    cases = [
+        (["--data", str(tmp_path / "nope"), "--val-data", str(val), "--workdir", str(tmp_path / "w")], 1, "no such folder"),
+        ([*base, "--image-size", "32"], 2, "at least 63"),
+        ([*base, "--resume"], 1, "no checkpoint to resume from"),
+        ([*base, "--batch-size", "100"], 1, "less than one batch of 100"),
+        ([*base, "--init-from", str(tmp_path / "missing.msgpack")], 1, "no such file"),
+    ]
+    for args, code, message in cases:
+        run = _cli(*args)
+        assert run.returncode == code and message in run.stderr, (args, run.stderr)
+        assert "Traceback" not in run.stderr
+
+
+def test_workdir_with_checkpoints_needs_resume_and_the_same_run(data, tmp_path):
+    config = _config(data, epochs=1, save_every=0)
+    train_and_evaluate(config, tmp_path)
+    with pytest.raises(FileExistsError, match="pass --resume or use a new workdir"):
+        train_and_evaluate(config, tmp_path)
+    with pytest.raises(ValueError, match=r"cannot resume exactly with a different batch_size \(6 -> 4\)"):
+        train_and_evaluate(dataclasses.replace(config, batch_size=4), tmp_path, resume=True)
