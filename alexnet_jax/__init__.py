@@ -12,6 +12,8 @@ from .model import AlexNet
 from .predict import Prediction, features, predict, predict_logits
 from .preprocess import CROP_SIZE, MEAN_RGB, RESIZE_SIZE, STDDEV_RGB, preprocess, preprocess_batch
 from .weights import IMAGENET1K_V1
+# The steps need only the core dependencies; train_and_evaluate needs the `train` extra.
+from .train import TrainConfig, TrainState, create_train_state, eval_step, make_optimizer, train_and_evaluate, train_step
 
 __all__ = [
     "AlexNet",
@@ -33,4 +35,11 @@ __all__ = [
     "preprocess_batch",
     "save_variables",
     "torch_to_flax",
+    "TrainConfig",
+    "TrainState",
+    "create_train_state",
+    "eval_step",
+    "make_optimizer",
+    "train_and_evaluate",
+    "train_step",
 ]
