@@ -31,7 +31,7 @@ from PIL import Image
 
 from .classify import IMAGE_SUFFIXES, ImageReadError, load_image
 from .model import MIN_SIZE
-from .preprocess import CROP_SIZE, MEAN_RGB, RESIZE_SIZE, STDDEV_RGB, _center_crop, _resize_shorter, _to_unit_float, preprocess, to_model_mode
+from .preprocess import CROP_SIZE, RESIZE_SIZE, normalize, preprocess, to_model_mode
 
 # torchvision's RandomResizedCrop defaults and its reference recipe's flip probability.
 CROP_SCALE = (0.08, 1.0)
@@ -112,25 +112,12 @@ def check_image_size(image_size: int) -> None:
         raise DataError(f"image size {image_size} is below AlexNet's minimum of {MIN_SIZE}")
 
 
-def _normalize(array: np.ndarray) -> np.ndarray:
-    # `preprocess`'s last steps (scale to [0, 1], grey to three channels, Normalize), for
-    # crops it cannot make: it always resizes to 256 and crops 224. To be replaced by a
-    # public helper in preprocess.py, so that the numbers have one implementation.
-    x = _to_unit_float(array)
-    if x.ndim == 2:
-        x = np.repeat(x[:, :, None], 3, axis=2)
-    return (x - np.asarray(MEAN_RGB, np.float32)) / np.asarray(STDDEV_RGB, np.float32)
-
-
 def eval_transform(image: Image.Image, image_size: int = CROP_SIZE) -> np.ndarray:
     """The inference preprocessing at `image_size`: exactly `preprocess` at 224.
 
     **Returns:** float32 (image_size, image_size, 3), normalized, NHWC.
     """
-    if image_size == CROP_SIZE:
-        return preprocess(image)
-    resized = _resize_shorter(to_model_mode(image), eval_resize_size(image_size))
-    return _normalize(_center_crop(np.asarray(resized), image_size))
+    return preprocess(image, resize_size=eval_resize_size(image_size), crop_size=image_size)
 
 
 def random_resized_crop_box(
@@ -173,7 +160,7 @@ def train_transform(image: Image.Image, image_size: int, rng: np.random.Generato
     image = image.crop((left, top, left + w, top + h)).resize((image_size, image_size), Image.BILINEAR)
     if rng.uniform() < FLIP_PROBABILITY:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return _normalize(np.asarray(image))
+    return normalize(np.asarray(image))
 
 
 def _read(path: str) -> Image.Image | None:

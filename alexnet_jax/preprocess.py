@@ -47,7 +47,7 @@ def _resize_shorter(image: Image.Image, size: int) -> Image.Image:
 
 def _center_crop(array: np.ndarray, size: int) -> np.ndarray:
     # torchvision rounds the offsets with Python's round(). Its zero padding for crops
-    # larger than the image never happens here: the resize makes the short side 256 > 224.
+    # larger than the image never happens here: the resize makes the short side >= the crop.
     h, w = array.shape[:2]
     top = int(round((h - size) / 2.0))
     left = int(round((w - size) / 2.0))
@@ -108,23 +108,37 @@ def _as_pil(image: Image.Image | np.ndarray) -> Image.Image:
     raise TypeError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
 
 
-def preprocess(image: Image.Image | np.ndarray) -> np.ndarray:
+def normalize(array: np.ndarray) -> np.ndarray:
+    """The last steps of `preprocess`: scale to [0, 1], grey to three channels, Normalize.
+
+    **Arguments:** an (H, W, 3) uint8 array, or (H, W) uint16 / float32, as `to_model_mode`
+    images give. **Returns:** float32 (H, W, 3).
+    """
+    x = _to_unit_float(array)
+    if x.ndim == 2:
+        x = np.repeat(x[:, :, None], 3, axis=2)
+    # Same float32 operations in the same order as torchvision's Normalize.
+    return (x - np.asarray(MEAN_RGB, np.float32)) / np.asarray(STDDEV_RGB, np.float32)
+
+
+def preprocess(
+    image: Image.Image | np.ndarray, *, resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE
+) -> np.ndarray:
     """One image as AlexNet's ImageNet input, as torchvision's IMAGENET1K_V1 transforms make it.
 
     **Arguments:** a PIL image of any size (at least 1x1) and any mode, or a numpy array
     that `PIL.Image.fromarray` reads (uint8 (H, W), (H, W, 3) or (H, W, 4); uint16 or
     float32 (H, W)). The mode is first brought to RGB, 16-bit or float grayscale by
     `to_model_mode`; grayscale is repeated to three channels after the resize and the
-    scale to [0, 1], which gives the same numbers as converting first.
-    **Returns:** float32 array of shape (224, 224, 3), NHWC channel order (R, G, B).
+    scale to [0, 1], which gives the same numbers as converting first. `resize_size` and
+    `crop_size` are torchvision's `Resize` and `CenterCrop` sizes (crop <= resize).
+    **Returns:** float32 array of shape (crop_size, crop_size, 3), NHWC channel order (R, G, B).
     """
+    if crop_size > resize_size:
+        raise ValueError(f"crop_size {crop_size} is larger than resize_size {resize_size}")
     image = to_model_mode(_as_pil(image))
-    resized = _resize_shorter(image, RESIZE_SIZE)
-    x = _to_unit_float(_center_crop(np.asarray(resized), CROP_SIZE))
-    if x.ndim == 2:
-        x = np.repeat(x[:, :, None], 3, axis=2)
-    # Same float32 operations in the same order as torchvision's Normalize.
-    return (x - np.asarray(MEAN_RGB, np.float32)) / np.asarray(STDDEV_RGB, np.float32)
+    resized = _resize_shorter(image, resize_size)
+    return normalize(_center_crop(np.asarray(resized), crop_size))
 
 
 def preprocess_batch(images: Iterable[Image.Image | np.ndarray]) -> np.ndarray:
