@@ -7,7 +7,8 @@
 Times, on the same weights and the same architecture: inference and one SGD training
 step (momentum 0.9, weight decay, dropout on) in images/s, JAX's compile time, and the
 conversion of the full 61M-parameter model (time and peak memory). Warm-up calls are
-excluded; each number is the median of --repeats timed calls. The table gives JAX's
+excluded; each number is the median of --repeats timed calls, the contenders
+timed in turns so that a change in load hits them alike. The table gives JAX's
 ratio to each torch mode: >1 means JAX is faster. Ratios are only meaningful within
 one run (same machine, same load), which is why everything runs in one process.
 """
@@ -44,15 +45,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turns (a, b, c, a, b, c, ...).
+
+    Taking turns spreads any change in the machine's load (another process, thermal
+    throttling) over all contenders, so their ratios stay fair.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _torch_runners(model_cls, state_dict, batch: int, size: int, compiled: bool):
@@ -159,19 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     for batch in args.batch_sizes:
-        print(f"batch {batch}: jax ...", file=sys.stderr, flush=True)
+        print(f"batch {batch}: compiling ...", file=sys.stderr, flush=True)
         infer, train, compile_s = _jax_runners(variables, batch, args.image_size)
-        row = {
-            "batch": batch,
-            "jax_compile_s": compile_s,
-            "infer": {"jax": batch / _median_seconds(infer, args.repeats, args.warmup)},
-            "train": {"jax": batch / _median_seconds(train, args.repeats, args.warmup)},
-        }
+        infers, trains = {"jax": infer}, {"jax": train}
         for mode in modes:
-            print(f"batch {batch}: torch {mode} ...", file=sys.stderr, flush=True)
-            t_infer, t_train = _torch_runners(model_cls, state_dict, batch, args.image_size, mode == "compile")
-            row["infer"][f"torch_{mode}"] = batch / _median_seconds(t_infer, args.repeats, args.warmup)
-            row["train"][f"torch_{mode}"] = batch / _median_seconds(t_train, args.repeats, args.warmup)
+            infers[f"torch_{mode}"], trains[f"torch_{mode}"] = _torch_runners(
+                model_cls, state_dict, batch, args.image_size, mode == "compile"
+            )
+        row = {"batch": batch, "jax_compile_s": compile_s}
+        for work, fns in (("infer", infers), ("train", trains)):
+            print(f"batch {batch}: timing {work} ...", file=sys.stderr, flush=True)
+            row[work] = {name: batch / s for name, s in _interleaved_medians(fns, args.repeats, args.warmup).items()}
         results["runs"].append(row)
 
     print(_table(results, modes))
