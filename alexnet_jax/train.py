@@ -186,13 +186,19 @@ def replace_head(params: Mapping[str, Any], num_classes: int, *, seed: int) -> d
     return {**params, "classifier_6": head}
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array, count: jax.Array | None = None) -> jax.Array:
     """Mean softmax cross-entropy over the examples with mask 1 (torch's CrossEntropyLoss when all are 1).
 
-    **Arguments:** logits (N, C), labels int (N,), mask float (N,). **Returns:** a scalar.
+    `count` replaces the number of examples with mask 1 as the divisor: a shard of a
+    global batch divides by the global count, so the shards' results add up to the
+    global mean (a mean of per-shard means would weigh a padded shard wrongly).
+    **Arguments:** logits (N, C), labels int (N,), mask float (N,), count a scalar.
+    **Returns:** a scalar.
     """
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    if count is None:
+        count = jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(losses * mask) / count
 
 
 def _correct(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -201,31 +207,89 @@ def _correct(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array
     return (top[:, 0] == labels).astype(jnp.float32), jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step with dropout on. Pure: the dropout key is `fold_in(state.rng, state.step)`.
+def dropout_key(rng: jax.Array, step: jax.Array, axis_name: str | None = None) -> jax.Array:
+    """The dropout key of `step`: `fold_in(rng, step)`, and under `pmap` also folded with the device's index
+    along `axis_name`, so no two devices draw the same masks.
+    """
+    key = jax.random.fold_in(rng, step)
+    if axis_name is not None:
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    return key
+
+
+def split_micro_batches(batch: Mapping[str, jax.Array], micro_steps: int) -> dict[str, jax.Array]:
+    """The batch as `micro_steps` micro-batches: example i goes to micro-batch i % micro_steps.
+
+    Strided rather than contiguous so that, with the batch sharded over devices in
+    contiguous blocks, every micro-batch keeps an equal part on every device.
+    **Arguments:** arrays of leading size N, a multiple of `micro_steps`.
+    **Returns:** arrays of shape (micro_steps, N // micro_steps, ...).
+    """
+    n = batch["label"].shape[0]
+    if n % micro_steps:
+        raise ValueError(f"a batch of {n} does not split into {micro_steps} micro-batches")
+    return {k: jnp.swapaxes(v.reshape((n // micro_steps, micro_steps) + v.shape[1:]), 0, 1) for k, v in batch.items()}
+
+
+def apply_step(
+    state: TrainState, batch: Mapping[str, jax.Array], *, axis_name: str | None = None, micro_steps: int = 1
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The math of one SGD step with dropout on, unjitted: `train_step`, `pmap` and the sharded jit all run it.
+
+    The loss is the masked mean over the global batch, sum(loss * mask) / sum(mask).
+    Under `pmap` (`axis_name` set) each device holds a shard: it divides its sum by
+    the psum of the counts and the psum of the results is the global mean, also
+    when the shards hold different numbers of padded examples. With `micro_steps`
+    > 1 the gradients of the micro-batches are summed in a `lax.scan`, with the
+    same divisor, so they equal the gradient of the whole batch.
+    **Arguments:** batch with image (N, H, W, 3), label (N,), mask (N,): the
+    global batch, or under `pmap` this device's shard.
+    **Returns:** (new state, {"loss", "top1", "lr"}) as scalars.
+    """
+    count = jnp.sum(batch["mask"].astype(jnp.float32))
+    if axis_name is not None:
+        count = jax.lax.psum(count, axis_name)
+    count = jnp.maximum(count, 1.0)
+    key = dropout_key(state.rng, state.step, axis_name)
+
+    def loss_fn(params, micro, key):
+        mask = micro["mask"].astype(jnp.float32)
+        logits = state.apply_fn({"params": params}, micro["image"], train=True, rngs={"dropout": key})
+        top1, _ = _correct(logits, micro["label"])
+        return cross_entropy(logits, micro["label"], mask, count), jnp.sum(top1 * mask)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_steps == 1:
+        (loss, correct), grads = grad_fn(state.params, batch, key)
+    else:
+
+        def accumulate(total, xs):
+            i, micro = xs
+            (loss, correct), grads = grad_fn(state.params, micro, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, total, (loss, correct, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        micro = split_micro_batches(batch, micro_steps)
+        (loss, correct, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(micro_steps), micro))
+    if axis_name is not None:
+        loss, correct, grads = jax.lax.psum((loss, correct, grads), axis_name)
+    state = state.apply_gradients(grads=grads)
+    return state, {"loss": loss, "top1": correct / count, "lr": state.opt_state.hyperparams["learning_rate"]}
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="micro_steps")
+def train_step(
+    state: TrainState, batch: Mapping[str, jax.Array], micro_steps: int = 1
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on one device with dropout on. Pure: the dropout key is `fold_in(state.rng, state.step)`.
 
     **Arguments:** state (donated: its buffers are reused, do not touch it after the
-    call); batch with image (N, H, W, 3), label (N,), mask (N,).
+    call); batch with image (N, H, W, 3), label (N,), mask (N,); `micro_steps`
+    micro-batches of N // micro_steps images accumulated into one update.
     **Returns:** (new state, {"loss", "top1", "lr"}) as scalars; loss and top1 are
     means over the examples with mask 1, lr the rate this step used.
     """
-    dropout_rng = jax.random.fold_in(state.rng, state.step)
-    mask = batch["mask"].astype(jnp.float32)
-
-    def loss_fn(params):
-        logits = state.apply_fn({"params": params}, batch["image"], train=True, rngs={"dropout": dropout_rng})
-        return cross_entropy(logits, batch["label"], mask), logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads)
-    top1, _ = _correct(logits, batch["label"])
-    metrics = {
-        "loss": loss,
-        "top1": jnp.sum(top1 * mask) / jnp.maximum(jnp.sum(mask), 1.0),
-        "lr": state.opt_state.hyperparams["learning_rate"],
-    }
-    return state, metrics
+    return apply_step(state, batch, micro_steps=micro_steps)
 
 
 @jax.jit
@@ -282,7 +346,7 @@ CHECKPOINT_DIR = "checkpoints"
 # uninterrupted run would. `epochs` may grow (StepLR does not depend on it); `workers` changes nothing.
 _RUN_DEFINING = (
     "data", "batch_size", "image_size", "seed", "recipe", "lr", "weight_decay", "lr_step_epochs",
-    "patience", "num_classes", "init_from", "freeze_features",
+    "patience", "num_classes", "init_from", "freeze_features", "parallel", "micro_batches",
 )
 
 
@@ -312,6 +376,8 @@ class TrainConfig:
     save_every: int = 1000  # steps; 0 saves only at the end of each epoch
     keep: int = 3
     progress: bool = True
+    parallel: str = "none"  # "pmap" or "sharded" use every device; "sharded" also spans processes
+    micro_batches: int = 1  # gradient accumulation: each step sums the gradients of this many micro-batches
 
     def resolved(self, num_class_folders: int) -> TrainConfig:
         """A copy with the defaults that depend on the data and the recipe filled in, and paths made absolute."""
@@ -330,7 +396,7 @@ def _check_config(config: TrainConfig) -> None:
     from .data import check_image_size
 
     check_image_size(config.image_size)
-    for name in ("epochs", "batch_size", "keep", "patience", "lr_step_epochs"):
+    for name in ("epochs", "batch_size", "keep", "patience", "lr_step_epochs", "micro_batches"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if config.save_every < 0 or config.workers < 0:
@@ -361,10 +427,16 @@ def _prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: i
         raise FileExistsError(f"{workdir}: already holds checkpoints up to step {latest}; pass --resume or use a new workdir")
     if resume and config_path.is_file():
         saved = json.loads(config_path.read_text())
-        changed = [f"{k} ({saved.get(k)!r} -> {getattr(config, k)!r})" for k in _RUN_DEFINING if saved.get(k) != getattr(config, k)]
+        # A field missing from an older config.json had its default then.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        changed = [
+            f"{k} ({saved.get(k, defaults[k])!r} -> {getattr(config, k)!r})"
+            for k in _RUN_DEFINING if saved.get(k, defaults[k]) != getattr(config, k)
+        ]
         if changed:
             raise ValueError(f"{workdir}: cannot resume exactly with a different {', '.join(changed)}")
-    config_path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    if jax.process_index() == 0:
+        config_path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -374,13 +446,25 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def evaluate(state: TrainState, batches) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 over `batches` (from `data.eval_batches`), plus the count of skipped files."""
+def _sum_over_processes(value: int) -> int:
+    # Each process reads only its shard of the data, so it sees only its own unreadable files.
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.int32(value))))
+
+
+def evaluate(state: TrainState, batches, put: Callable[[dict], dict] = dict) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 over `batches` (from `data.eval_batches`), plus the count of skipped files.
+
+    `put` places each batch for the state's devices (`Parallel.put_eval_batch`).
+    """
     sums, skipped = [], 0
     for batch in batches:
         skipped += int(batch.pop("skipped"))
-        sums.append(eval_step(state, batch))
-    return {**summarize_eval(jax.device_get(sums)), "skipped": skipped}
+        sums.append(eval_step(state, put(batch)))
+    return {**summarize_eval(jax.device_get(sums)), "skipped": _sum_over_processes(skipped)}
 
 
 def train_and_evaluate(
@@ -398,6 +482,10 @@ def train_and_evaluate(
     it) and curves.png. `resume=True` continues from the latest checkpoint and ends
     with the same parameters as a run never interrupted. `on_checkpoint(step)` is
     called after each checkpoint is on disk (tests use it to kill the run).
+    `config.parallel` spreads each step over every device ("pmap", "sharded");
+    across processes (after `parallel.initialize_distributed`) each reads only its
+    shard of the data and only process 0 writes files besides the checkpoints,
+    which Orbax writes together.
     **Returns:** the last metrics line, with "final_variables" added.
     **Raises:** DataError, FileNotFoundError/FileExistsError (workdir), ValueError
     (config), NonFiniteLossError.
@@ -408,8 +496,12 @@ def train_and_evaluate(
     from .data import eval_batches, image_folder, steps_per_epoch, train_batches
     from .io import save_variables
     from .model import AlexNet
+    from .parallel import make_parallel
 
     _check_config(config)
+    # Before any data or weights are read: a batch that does not split is a usage error.
+    parallel = make_parallel(config.parallel, global_batch=config.batch_size, micro_steps=config.micro_batches)
+    primary, shard = jax.process_index() == 0, {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
     train_data = image_folder(config.data)
     val_data = image_folder(config.val_data, classes=train_data.classes)
     config = config.resolved(len(train_data.classes))
@@ -437,9 +529,11 @@ def train_and_evaluate(
     metrics_path = workdir / METRICS_FILE
     if resume:
         state, loop = checkpoints.restore(state)
-        _truncate_metrics(metrics_path, int(state.step))
-    elif metrics_path.exists():
+        if primary:
+            _truncate_metrics(metrics_path, int(state.step))
+    elif metrics_path.exists() and primary:
         metrics_path.unlink()
+    state = parallel.put_state(state)
     plateau = Plateau(**loop["plateau"])
     step = int(state.step)
 
@@ -450,16 +544,16 @@ def train_and_evaluate(
             on_checkpoint(step)
 
     last: dict[str, Any] = {}
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not config.progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (config.progress and primary), dynamic_ncols=True)
     started, images = time.perf_counter(), 0
     batches = train_batches(
         train_data, batch_size=config.batch_size, image_size=config.image_size, seed=config.seed,
-        start_step=step, num_steps=total_steps, workers=config.workers,
+        start_step=step, num_steps=total_steps, workers=config.workers, **shard,
     )
     try:
         for batch in batches:
-            loop["skipped"] += int(batch.pop("skipped"))
-            state, metrics = train_step(state, batch)
+            loop["skipped"] += _sum_over_processes(int(batch.pop("skipped")))
+            state, metrics = parallel.step(state, parallel.put_batch(batch))
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
                 good = checkpoints.latest_step()
@@ -473,7 +567,11 @@ def train_and_evaluate(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / (time.perf_counter() - started):.1f}")
             if step % per_epoch == 0:
-                val = evaluate(state, eval_batches(val_data, batch_size=config.batch_size, image_size=config.image_size, workers=config.workers))
+                val = evaluate(
+                    state,
+                    eval_batches(val_data, batch_size=config.batch_size, image_size=config.image_size, workers=config.workers, **shard),
+                    parallel.put_eval_batch,
+                )
                 last = {
                     "step": step, "epoch": step // per_epoch,
                     "train_loss": loop["epoch_loss"] / loop["epoch_steps"],
@@ -482,22 +580,26 @@ def train_and_evaluate(
                     "lr": float(metrics["lr"]), "skipped_train": loop["skipped"], "skipped_val": val["skipped"],
                 }
                 if config.recipe == "paper" and plateau.update(val["top1"]):
-                    state = set_learning_rate(state, current_learning_rate(state) * plateau.factor)
+                    state = parallel.put_state(set_learning_rate(state, current_learning_rate(state) * plateau.factor))
                 loop.update(epoch_loss=0.0, epoch_top1=0.0, epoch_steps=0)
                 save(val_top1=val["top1"])
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
-                bar.write(
-                    f"epoch {last['epoch']}: train loss {last['train_loss']:.4f}, val loss {val['loss']:.4f}, "
-                    f"top-1 {val['top1']:.4f}, top-5 {val['top5']:.4f}"
-                )
+                if primary:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(last) + "\n")
+                    bar.write(
+                        f"epoch {last['epoch']}: train loss {last['train_loss']:.4f}, val loss {val['loss']:.4f}, "
+                        f"top-1 {val['top1']:.4f}, top-5 {val['top5']:.4f}"
+                    )
             elif config.save_every and step % config.save_every == 0:
                 save()
     finally:
         bar.close()
         checkpoints.close()
-    final = save_variables(workdir / FINAL_VARIABLES_FILE, {"params": jax.device_get(state.params)})
-    plot_curves(metrics_path, workdir / CURVES_FILE)
+    final = workdir / FINAL_VARIABLES_FILE
+    params = jax.device_get(state.params)  # every process takes part: the arrays may span them
+    if primary:
+        save_variables(final, {"params": params})
+        plot_curves(metrics_path, workdir / CURVES_FILE)
     return {**last, "final_variables": str(final)}
 
 

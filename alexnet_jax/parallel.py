@@ -1,0 +1,181 @@
+"""Data parallelism over devices and processes: `pmap`, `jit` with shardings, `jax.distributed`.
+
+    parallel = make_parallel("sharded", global_batch=256, micro_steps=1)
+    state = parallel.put_state(state)                       # replicated on every device
+    state, metrics = parallel.step(state, parallel.put_batch(local_batch))
+
+Both paths run `train.apply_step`, so the math is written once:
+
+- "pmap": state replicated (`in_axes=None`, `out_axes=None`: the outputs are already
+  identical on every device, so nothing is indexed to unreplicate them), the batch
+  reshaped to (devices, per device, ...) and placed sharded before the call, gradients
+  and metrics summed with `lax.psum` over the axis "batch", a dropout key per device.
+  Since JAX 0.8 `pmap` is built on `jit` + `shard_map`; it stays for users who ask for it.
+- "sharded": `jit` with a `Mesh` over every device of every process, parameters
+  replicated and the batch split along the axis "data"; the compiler inserts the
+  all-reduce. What JAX recommends now, and the one that spans processes: each process
+  passes only its own part of the global batch (`make_array_from_process_local_data`).
+
+Multi-process runs start with `initialize_distributed` before anything else touches JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .train import TrainState, apply_step
+
+MODES = ("none", "pmap", "sharded")
+PMAP_AXIS = "batch"  # the axis name flax's examples use for pmap
+DATA_AXIS = "data"
+# JAX's default is 300 s; a run that cannot reach its coordinator should say so sooner.
+INIT_TIMEOUT_S = 120
+
+
+class DistributedError(RuntimeError):
+    """The processes of a run could not find each other; one line naming the coordinator."""
+
+
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout_s: int = INIT_TIMEOUT_S,
+) -> None:
+    """Join a multi-process run (`jax.distributed.initialize`); call before any other JAX call.
+
+    With all three of `coordinator` ("HOST:PORT" of process 0), `num_processes` and
+    `process_id` given, they are used as they are; left out, JAX detects them on
+    Slurm, Open MPI, Kubernetes (JobSet) and Cloud TPU. The arguments are checked
+    before any connection is tried.
+    **Raises:** ValueError for a malformed address or a process id out of range;
+    DistributedError when the processes do not meet within `timeout_s` seconds.
+    """
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"number of processes must be at least 1, got {num_processes}")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process id {process_id} is out of range for {num_processes} processes (0 to {num_processes - 1})")
+    if process_id is not None and process_id < 0:
+        raise ValueError(f"process id must be at least 0, got {process_id}")
+    if coordinator is not None:
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"coordinator address {coordinator!r} is not HOST:PORT (e.g. 10.0.0.1:1234)")
+    if timeout_s < 1:
+        raise ValueError(f"initialization timeout must be at least 1 s, got {timeout_s}")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s)
+    except Exception as e:  # jaxlib raises its own runtime error types; all mean "did not meet"
+        where = coordinator or "the auto-detected coordinator"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedError(
+            f"could not join the run through {where} within {timeout_s} s "
+            f"(is process 0 running and the port reachable?): {reason}"
+        ) from e
+
+
+def check_batch(global_batch: int, devices: int, micro_steps: int = 1) -> None:
+    """**Raises:** ValueError unless `global_batch` splits evenly over `devices` x `micro_steps`."""
+    if micro_steps < 1:
+        raise ValueError(f"micro-batches must be at least 1, got {micro_steps}")
+    if global_batch % (devices * micro_steps):
+        split = f"{devices} devices" + (f" x {micro_steps} micro-batches" if micro_steps > 1 else "")
+        raise ValueError(
+            f"global batch {global_batch} does not divide over {split}; use a multiple of {devices * micro_steps}"
+        )
+
+
+def _place(tree: Any, sharding: NamedSharding) -> Any:
+    # Each process passes what it holds: its rows of a sharded batch, or the whole of a
+    # replicated value (the same in every process, drawn from the same seed).
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def pmap_train_step(micro_steps: int = 1) -> Callable:
+    """`apply_step` under `jax.pmap` over the local devices, state donated.
+
+    **Arguments** of the returned function: a replicated state; a batch of shape
+    (devices, per device, ...). **Returns:** (replicated state, replicated metrics).
+    """
+    body = functools.partial(apply_step, axis_name=PMAP_AXIS, micro_steps=micro_steps)
+    return jax.pmap(body, axis_name=PMAP_AXIS, in_axes=(None, 0), out_axes=(None, None), donate_argnums=0)
+
+
+def sharded_train_step(mesh: Mesh, micro_steps: int = 1) -> Callable:
+    """`apply_step` under `jax.jit` with the state replicated and the batch split along `mesh`'s "data" axis."""
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+    body = functools.partial(apply_step, micro_steps=micro_steps)
+    return jax.jit(body, in_shardings=(replicated, split), out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """Where the state and batches live and which compiled step runs; see `make_parallel`."""
+
+    mode: str
+    micro_steps: int
+    mesh: Mesh | None
+    step: Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, jax.Array]]]
+
+    @property
+    def axis(self) -> str:
+        return PMAP_AXIS if self.mode == "pmap" else DATA_AXIS
+
+    def put_state(self, state: TrainState) -> TrainState:
+        """The state replicated on every device of the mesh (unchanged for "none")."""
+        return state if self.mesh is None else _place(state, NamedSharding(self.mesh, P()))
+
+    def put_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """This process's part of a training batch, placed for `step`.
+
+        **Arguments:** image (n, H, W, 3), label (n,), mask (n,) with n = global batch
+        / processes. **Returns:** for "pmap" arrays of shape (devices, n / devices,
+        ...), for "sharded" the global arrays (N, ...) split over the devices.
+        """
+        batch = {k: batch[k] for k in ("image", "label", "mask")}
+        if self.mode == "pmap":
+            d = self.mesh.size
+            batch = {k: v.reshape((d, v.shape[0] // d) + v.shape[1:]) for k, v in batch.items()}
+        return self.put_eval_batch(batch)
+
+    def put_eval_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """This process's part of a batch as global arrays split along the mesh (for the jitted `eval_step`)."""
+        batch = {k: batch[k] for k in ("image", "label", "mask")}
+        return batch if self.mesh is None else _place(batch, NamedSharding(self.mesh, P(self.axis)))
+
+
+def make_parallel(mode: str, *, global_batch: int, micro_steps: int = 1) -> Parallel:
+    """The training step for `mode` ("none", "pmap", "sharded") on every device this run sees.
+
+    "none" is the single-device `train_step`; "pmap" uses this process's devices
+    and needs a single process; "sharded" uses the devices of all processes.
+    **Raises:** ValueError for an unknown mode, "pmap" across processes, or a
+    global batch that does not split over devices x micro-batches.
+    """
+    from .train import train_step
+
+    if mode not in MODES:
+        raise ValueError(f"unknown parallel mode {mode!r}; expected one of {', '.join(MODES)}")
+    if mode == "none":
+        if jax.process_count() > 1:
+            raise ValueError(f"parallel mode 'none' cannot span {jax.process_count()} processes; use 'sharded'")
+        check_batch(global_batch, 1, micro_steps)
+        return Parallel(mode, micro_steps, None, functools.partial(train_step, micro_steps=micro_steps))
+    if mode == "pmap":
+        if jax.process_count() > 1:
+            raise ValueError(f"parallel mode 'pmap' here runs in one process, not {jax.process_count()}; use 'sharded'")
+        check_batch(global_batch, jax.local_device_count(), micro_steps)
+        mesh = Mesh(np.asarray(jax.local_devices()), (PMAP_AXIS,))
+        return Parallel(mode, micro_steps, mesh, pmap_train_step(micro_steps))
+    check_batch(global_batch, jax.device_count(), micro_steps)
+    mesh = Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+    return Parallel(mode, micro_steps, mesh, sharded_train_step(mesh, micro_steps))
