@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import socket
+import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -57,8 +60,14 @@ def initialize_distributed(
     `process_id` given, they are used as they are; left out, JAX detects them on
     Slurm, Open MPI, Kubernetes (JobSet) and Cloud TPU. The arguments are checked
     before any connection is tried.
+
+    jaxlib aborts the whole process (SIGABRT, no Python exception) when it cannot
+    reach the coordinator, so with an explicit address the other processes first
+    wait for its port themselves and fail with a clear error; process 0 checks that
+    the port is free. If process 0 is up but a peer never arrives, jaxlib still
+    aborts after `timeout_s`: bounded, with the message printed just before.
     **Raises:** ValueError for a malformed address or a process id out of range;
-    DistributedError when the processes do not meet within `timeout_s` seconds.
+    DistributedError when the coordinator cannot be reached or bound within `timeout_s`.
     """
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"number of processes must be at least 1, got {num_processes}")
@@ -66,12 +75,21 @@ def initialize_distributed(
         raise ValueError(f"process id {process_id} is out of range for {num_processes} processes (0 to {num_processes - 1})")
     if process_id is not None and process_id < 0:
         raise ValueError(f"process id must be at least 0, got {process_id}")
+    if timeout_s < 1:
+        raise ValueError(f"initialization timeout must be at least 1 s, got {timeout_s}")
     if coordinator is not None:
         host, _, port = coordinator.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"coordinator address {coordinator!r} is not HOST:PORT (e.g. 10.0.0.1:1234)")
-    if timeout_s < 1:
-        raise ValueError(f"initialization timeout must be at least 1 s, got {timeout_s}")
+        if process_id == 0:
+            _check_port_free(int(port), coordinator)
+        elif process_id is not None:
+            _wait_for_port(host.strip("[]"), int(port), timeout_s, coordinator)
+    print(
+        f"process {process_id if process_id is not None else '?'}: joining {num_processes or '?'} processes "
+        f"through {coordinator or 'the auto-detected coordinator'} (timeout {timeout_s} s)",
+        file=sys.stderr, flush=True,
+    )
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s)
     except Exception as e:  # jaxlib raises its own runtime error types; all mean "did not meet"
@@ -81,6 +99,31 @@ def initialize_distributed(
             f"could not join the run through {where} within {timeout_s} s "
             f"(is process 0 running and the port reachable?): {reason}"
         ) from e
+
+
+def _check_port_free(port: int, coordinator: str) -> None:
+    # jax binds the coordinator service on every interface at this port.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise DistributedError(f"process 0 cannot serve as coordinator {coordinator}: port {port} is taken ({e.strerror})") from e
+
+
+def _wait_for_port(host: str, port: int, timeout_s: float, coordinator: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise DistributedError(
+                    f"coordinator {coordinator} not reachable within {timeout_s} s ({e.strerror or e}); "
+                    "start process 0 first, check the address and that the port is open"
+                ) from e
+            time.sleep(0.2)
 
 
 def check_batch(global_batch: int, devices: int, micro_steps: int = 1) -> None:

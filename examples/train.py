@@ -4,6 +4,13 @@
     python examples/train.py --data train/ --val-data val/ --workdir runs/a --resume
     python examples/train.py --data train/ --val-data val/ --workdir runs/ft \\
         --init-from alexnet.msgpack --freeze-features --epochs 5 --lr 0.001
+    python examples/train.py ... --parallel sharded            # every GPU/TPU of this machine
+    python examples/train.py ... --parallel sharded \\
+        --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # and 1 on the other host
+
+Across processes every process runs the same command but its --process-id (or sets
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); on Slurm, Open MPI,
+Kubernetes (JobSet) and Cloud TPU `--distributed` alone is enough: JAX finds them.
 
 WORKDIR gets checkpoints/ (Orbax), metrics.jsonl (one line per epoch), config.json,
 and at the end final.msgpack (read by alexnet_jax.load_variables) and curves.png.
@@ -19,7 +26,13 @@ import sys
 
 from alexnet_jax.data import DataError
 from alexnet_jax.model import MIN_SIZE
+from alexnet_jax.parallel import INIT_TIMEOUT_S, MODES, DistributedError, initialize_distributed
 from alexnet_jax.train import EPOCHS, RECIPES, NonFiniteLossError, TrainConfig, train_and_evaluate
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +60,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps, 0 for epoch ends only (default %(default)s)")
     parser.add_argument("--keep", type=int, default=3, help="checkpoints kept besides the best (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--parallel", choices=MODES, default="none",
+                        help="none: one device; pmap: jax.pmap over this machine's devices; "
+                             "sharded: jit with the batch split over all devices of all processes (default %(default)s)")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="gradient accumulation: split each step's batch into this many micro-batches (default %(default)s)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-process run (jax.distributed.initialize); implied by the next three")
+    parser.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                        help="HOST:PORT of process 0 (default $JAX_COORDINATOR_ADDRESS; auto-detected on Slurm, TPU, k8s)")
+    parser.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"), help="default $JAX_NUM_PROCESSES")
+    parser.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"), help="0 .. N-1 (default $JAX_PROCESS_ID)")
+    parser.add_argument("--init-timeout", type=int, default=INIT_TIMEOUT_S,
+                        help="seconds to wait for all processes to join (default %(default)s)")
     args = parser.parse_args(argv)
     if args.image_size < MIN_SIZE:
         parser.error(f"--image-size must be at least {MIN_SIZE} (AlexNet's smallest input), got {args.image_size}")
@@ -59,23 +85,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--lr must be positive")
     if args.workers < 0 or args.save_every < 0:
         parser.error("--workers and --save-every must be at least 0")
+    if args.micro_batches < 1:
+        parser.error("--micro-batches must be at least 1")
+    args.distributed = args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.distributed:  # before anything else touches JAX
+        try:
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except DistributedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     config = TrainConfig(
         data=args.data, val_data=args.val_data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         image_size=args.image_size, init_from=args.init_from, num_classes=args.num_classes, seed=args.seed,
         recipe=args.recipe, weight_decay=args.weight_decay, lr_step_epochs=args.lr_step_epochs,
         patience=args.patience, freeze_features=args.freeze_features, workers=args.workers,
         save_every=args.save_every, keep=args.keep, progress=not args.no_progress,
+        parallel=args.parallel, micro_batches=args.micro_batches,
     )
     try:
         last = train_and_evaluate(config, args.workdir, resume=args.resume)
     except (DataError, NonFiniteLossError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    import jax
+
+    if jax.process_index() > 0:
+        return 0  # process 0 reports for the run
     print(
         f"done: epoch {last.get('epoch')}, val top-1 {last.get('val_top1', float('nan')):.4f}, "
         f"top-5 {last.get('val_top5', float('nan')):.4f}; weights in {last['final_variables']}"

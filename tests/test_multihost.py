@@ -1,0 +1,153 @@
+"""Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives) against one process, and bad launches.
+
+Each child is `examples/train.py --parallel sharded` with one CPU device: it reads
+only its half of every global batch, and process 0 alone writes the logs and
+final weights. The children are bounded by a timeout and killed in `finally`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from alexnet_jax import load_variables
+from alexnet_jax.train import TrainConfig, read_metrics, train_and_evaluate
+from test_train_loop import _colour_folder
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "train.py"
+TIMEOUT_S = 240
+# The two runs sum the gradients of the same 8 images in another order (two halves,
+# then an all-reduce); after 2 SGD steps that stays far below this, relative to each
+# tensor's largest value.
+TOLERANCE = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    # One CPU device per process; the parent's forced device count must not leak in.
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    return _colour_folder(root / "train", 6, 0), _colour_folder(root / "val", 2, 1)  # 18 images: 2 steps of 8
+
+
+def _args(data, workdir: Path) -> list[str]:
+    train, val = data
+    return [
+        "--data", str(train), "--val-data", str(val), "--workdir", str(workdir), "--epochs", "1",
+        "--batch-size", "8", "--lr", "0.01", "--image-size", "64", "--save-every", "0", "--keep", "1",
+        "--workers", "0", "--no-progress",
+    ]
+
+
+def _relative_difference(a, b) -> float:
+    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y)) / np.max(np.abs(y))), a, b)
+    return max(jax.tree.leaves(diffs))
+
+
+def test_two_processes_end_with_the_parameters_of_one(data, tmp_path):
+    """Dropout is on: the sharded jit draws the masks of the global batch, the same in both runs."""
+    train, val = data
+    single = train_and_evaluate(
+        TrainConfig(data=str(train), val_data=str(val), epochs=1, batch_size=8, lr=0.01, image_size=64,
+                    save_every=0, keep=1, progress=False),
+        tmp_path / "single",
+    )
+
+    workdir, port = tmp_path / "two", _free_port()
+    procs = []
+    try:
+        for i in range(2):
+            cmd = [sys.executable, str(SCRIPT), *_args(data, workdir), "--parallel", "sharded",
+                   "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                   "--init-timeout", "60"]
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + TIMEOUT_S
+        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i}: {err[-3000:]}"
+    assert "done:" in outputs[0][0] and "done:" not in outputs[1][0]  # process 0 reports
+
+    two = load_variables(workdir / "final.msgpack")["params"]
+    one = load_variables(single["final_variables"])["params"]
+    assert _relative_difference(two, one) < TOLERANCE
+    rows = read_metrics(workdir / "metrics.jsonl")
+    assert len(rows) == 1 and rows[0]["step"] == 2  # written once, by process 0
+    assert rows[0]["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+    assert rows[0]["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+
+
+def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_an_unreachable_coordinator_fails_fast_with_one_line(data, tmp_path):
+    started = time.monotonic()
+    run = _run(_args(data, tmp_path / "w") + ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+                                               "--process-id", "1", "--init-timeout", "2"])
+    assert run.returncode == 1, run.stderr
+    assert "not reachable within 2 s" in run.stderr and "Traceback" not in run.stderr
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "w").exists()  # nothing started
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num-processes", "2", "--process-id", "2"], "process id 2 is out of range for 2 processes"),
+        (["--num-processes", "2", "--process-id", "-1"], "process id -1 is out of range for 2 processes"),
+        (["--coordinator", "nohostport", "--num-processes", "2", "--process-id", "1"], "is not HOST:PORT"),
+    ],
+)
+def test_bad_process_arguments_are_refused_before_connecting(data, tmp_path, extra, message):
+    coordinator = [] if "--coordinator" in extra else ["--coordinator", f"127.0.0.1:{_free_port()}"]
+    run = _run(_args(data, tmp_path / "w") + coordinator + extra, timeout=30)
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr
+
+
+def test_a_batch_that_does_not_split_over_the_devices_stops_before_training(data, tmp_path):
+    """Two processes of one device each: a global batch of 7 cannot split; both say so and exit."""
+    port, procs = _free_port(), []
+    args = _args(data, tmp_path / "w")
+    args[args.index("--batch-size") + 1] = "7"
+    try:
+        for i in range(2):
+            cmd = [sys.executable, str(SCRIPT), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}",
+                   "--num-processes", "2", "--process-id", str(i), "--init-timeout", "30"]
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 1, err
+        assert "global batch 7 does not divide over 2 devices; use a multiple of 2" in err
+    assert not (tmp_path / "w" / "checkpoints").exists()
