@@ -14,8 +14,8 @@ Kubernetes (JobSet) and Cloud TPU `--distributed` alone is enough: JAX finds the
 
 WORKDIR gets checkpoints/ (Orbax), metrics.jsonl (one line per epoch), config.json,
 and at the end final.msgpack (read by alexnet_jax.load_variables) and curves.png.
-Exit status: 0 trained; 1 bad data, workdir or weights, or a non-finite loss; 2 bad
-arguments. The work is in `alexnet_jax.train.train_and_evaluate`.
+Exit status: 0 trained; 1 bad data, workdir or weights, a non-finite loss, a batch that
+does not split over the devices, or processes that could not meet; 2 bad arguments. The work is in `alexnet_jax.train.train_and_evaluate`.
 """
 
 from __future__ import annotations

@@ -15,12 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
 
 from alexnet_jax import load_variables
 from alexnet_jax.train import TrainConfig, read_metrics, train_and_evaluate
+from test_parallel import _relative_difference
 from test_train_loop import _colour_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,9 +58,22 @@ def _args(data, workdir: Path) -> list[str]:
     ]
 
 
-def _relative_difference(a, b) -> float:
-    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y)) / np.max(np.abs(y))), a, b)
-    return max(jax.tree.leaves(diffs))
+def _two_processes(args: list[str], timeout: float) -> list[tuple[int, str, str]]:
+    """Runs `examples/train.py args` as processes 0 and 1 of a run on 127.0.0.1; (returncode, stdout, stderr) each."""
+    port, procs = _free_port(), []
+    try:
+        for i in range(2):
+            cmd = [sys.executable, str(SCRIPT), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}",
+                   "--num-processes", "2", "--process-id", str(i), "--init-timeout", "60"]
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + timeout
+        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
 def test_two_processes_end_with_the_parameters_of_one(data, tmp_path):
@@ -73,24 +85,11 @@ def test_two_processes_end_with_the_parameters_of_one(data, tmp_path):
         tmp_path / "single",
     )
 
-    workdir, port = tmp_path / "two", _free_port()
-    procs = []
-    try:
-        for i in range(2):
-            cmd = [sys.executable, str(SCRIPT), *_args(data, workdir), "--parallel", "sharded",
-                   "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                   "--init-timeout", "60"]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        deadline = time.monotonic() + TIMEOUT_S
-        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {i}: {err[-3000:]}"
-    assert "done:" in outputs[0][0] and "done:" not in outputs[1][0]  # process 0 reports
+    workdir = tmp_path / "two"
+    results = _two_processes(_args(data, workdir), TIMEOUT_S)
+    for i, (returncode, _, err) in enumerate(results):
+        assert returncode == 0, f"process {i}: {err[-3000:]}"
+    assert "done:" in results[0][1] and "done:" not in results[1][1]  # process 0 reports
 
     two = load_variables(workdir / "final.msgpack")["params"]
     one = load_variables(single["final_variables"])["params"]
@@ -133,21 +132,9 @@ def test_bad_process_arguments_are_refused_before_connecting(data, tmp_path, ext
 
 def test_a_batch_that_does_not_split_over_the_devices_stops_before_training(data, tmp_path):
     """Two processes of one device each: a global batch of 7 cannot split; both say so and exit."""
-    port, procs = _free_port(), []
     args = _args(data, tmp_path / "w")
     args[args.index("--batch-size") + 1] = "7"
-    try:
-        for i in range(2):
-            cmd = [sys.executable, str(SCRIPT), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}",
-                   "--num-processes", "2", "--process-id", str(i), "--init-timeout", "30"]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        outputs = [p.communicate(timeout=90) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 1, err
+    for returncode, _, err in _two_processes(args, 90):
+        assert returncode == 1, err
         assert "global batch 7 does not divide over 2 devices; use a multiple of 2" in err
     assert not (tmp_path / "w" / "checkpoints").exists()
