@@ -89,3 +89,23 @@ def test_num_classes_and_dtypes(flax_variables):
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
     assert model.apply(variables, jnp.zeros((3, 100, 80, 3))).dtype == jnp.bfloat16
     assert check_variables(variables) == 10
+
+
+@pytest.mark.parametrize("shape", [(2, 55, 55, 8), (3, 7, 9, 4), (1, 27, 28, 5)])
+def test_max_pool_gradient_matches_torch_ties_included(shape):
+    """The hand-written max-pool gradient routes to the first maximum of each window, as torch does."""
+    import torch
+
+    from alexnet_jax.model import max_pool
+
+    rng = np.random.default_rng(sum(shape))
+    # Rounded, ReLU'd values: many windows hold several equal maxima (zeros and positive ties).
+    x = np.maximum(np.round(rng.standard_normal(shape) * 2) / 2, 0).astype(np.float32)
+    y, vjp = jax.vjp(max_pool, jnp.asarray(x))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    yt = torch.nn.functional.max_pool2d(xt, 3, 2)
+    yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
+    # Overlapping windows add in another order than torch: float32 rounding of a few terms.
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=0, atol=2e-6)
