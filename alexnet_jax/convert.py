@@ -173,8 +173,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], *, allow_nonfinite: bool = Fals
     return {"params": params}
 
 
-def _flat_params(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flax variables (or a bare params tree) -> {"module/leaf": array}."""
+def _flat_params(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Flax variables (or a bare params tree) -> {"module/leaf": leaf}, leaves as given (no copies)."""
     if not isinstance(variables, Mapping):
         raise ConversionError(f"expected Flax variables (a mapping), got {type(variables).__name__}")
     params = variables.get("params", variables)
@@ -184,9 +184,9 @@ def _flat_params(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for module, leaves in params.items():
         if isinstance(leaves, Mapping):
             for leaf, value in leaves.items():
-                flat[f"{module}/{leaf}"] = np.asarray(value)
+                flat[f"{module}/{leaf}"] = value
         else:
-            flat[str(module)] = np.asarray(leaves)
+            flat[str(module)] = leaves
     return flat
 
 
@@ -195,8 +195,8 @@ def check_variables(variables: Mapping[str, Any]) -> int:
 
     **Raises:** ConversionError listing every missing, unexpected or mis-shaped leaf.
     """
-    flat = _flat_params(variables)
-    shapes = {k: v.shape for k, v in flat.items()}
+    # np.shape reads a device array's shape without copying it to the host.
+    shapes = {k: np.shape(v) for k, v in _flat_params(variables).items()}
     num_classes = _num_classes(shapes, "classifier_6/kernel", axis=1)
     expected = {"/".join(path): _flax_shape(t, shape) for _, path, t, shape in _table(num_classes)}
     _check(shapes, expected, "variable tree")
@@ -213,6 +213,6 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     flat = _flat_params(variables)
     # Fresh writable copies: torch.from_numpy warns on (and must not alias) read-only jax buffers.
     return {
-        name: np.array(_TRANSFORMS[transform][1](flat["/".join(path)]), order="C", copy=True)
+        name: np.array(_TRANSFORMS[transform][1](np.asarray(flat["/".join(path)])), order="C", copy=True)
         for name, path, transform, _ in _table(num_classes)
     }

@@ -209,14 +209,21 @@ class _BatchLoader:
                 continue
             path, labels[j] = self.samples[i]
             image = _read(path)
-            if image is None:
+            try:
+                if image is None:
+                    raise ImageReadError("unreadable")
+                if self.train:
+                    rng = np.random.default_rng([self.seed, _AUGMENT, epoch, first + j])
+                    images[j] = train_transform(image, size, rng)
+                else:
+                    images[j] = eval_transform(image, size)
+            except (ImageReadError, OSError, ValueError) as e:
+                # A decoded image that PIL cannot convert or resize (a truncated tail read
+                # lazily, say) is skipped like an unreadable one; `_read` warned for those.
+                if image is not None:
+                    print(f"warning: skipping {path}: {e}", file=sys.stderr, flush=True)
                 skipped += 1
                 continue
-            if self.train:
-                rng = np.random.default_rng([self.seed, _AUGMENT, epoch, first + j])
-                images[j] = train_transform(image, size, rng)
-            else:
-                images[j] = eval_transform(image, size)
             mask[j] = 1.0
         return {"image": images, "label": labels, "mask": mask, "skipped": np.int32(skipped)}
 

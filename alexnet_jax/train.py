@@ -30,6 +30,7 @@ import optax
 from flax import traverse_util
 from flax.training import train_state
 
+from .io import atomic_write_bytes
 from .model import HIDDEN
 
 # torchvision's reference recipe (references/classification, AlexNet row): SGD, momentum 0.9,
@@ -162,7 +163,8 @@ def create_train_state(
     model: nn.Module, params: Mapping[str, Any], tx: optax.GradientTransformation, *, seed: int
 ) -> TrainState:
     """A step-0 state for `model` with `params` (the `"params"` collection) and optimizer `tx`."""
-    params = jax.tree.map(jnp.asarray, dict(params))
+    # A copy: train_step donates the state, which would delete the caller's own arrays.
+    params = jax.tree.map(lambda a: jnp.array(a, copy=True), dict(params))
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=jax.random.PRNGKey(seed))
 
 
@@ -350,6 +352,11 @@ _RUN_DEFINING = (
 )
 
 
+def _run_defining(config: "TrainConfig") -> tuple[str, ...]:
+    # The paper's recipe lowers the rate when val top-1 stalls, so there the val set steers too.
+    return _RUN_DEFINING + (("val_data",) if config.recipe == "paper" else ())
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
 
@@ -431,19 +438,19 @@ def _prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: i
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         changed = [
             f"{k} ({saved.get(k, defaults[k])!r} -> {getattr(config, k)!r})"
-            for k in _RUN_DEFINING if saved.get(k, defaults[k]) != getattr(config, k)
+            for k in _run_defining(config) if saved.get(k, defaults[k]) != getattr(config, k)
         ]
         if changed:
             raise ValueError(f"{workdir}: cannot resume exactly with a different {', '.join(changed)}")
     if jax.process_index() == 0:
-        config_path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        atomic_write_bytes(config_path, (json.dumps(dataclasses.asdict(config), indent=2) + "\n").encode())
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     # Lines written after the checkpoint we resume from would be written again: drop them.
     if path.is_file():
         lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())  # a kill here keeps the old file
 
 
 def _sum_over_processes(value: int) -> int:
@@ -490,18 +497,13 @@ def train_and_evaluate(
     **Raises:** DataError, FileNotFoundError/FileExistsError (workdir), ValueError
     (config), NonFiniteLossError.
     """
-    from tqdm import tqdm
-
     from .checkpoint import Checkpoints
-    from .data import eval_batches, image_folder, steps_per_epoch, train_batches
-    from .io import save_variables
-    from .model import AlexNet
+    from .data import image_folder, steps_per_epoch
     from .parallel import make_parallel
 
     _check_config(config)
     # Before any data or weights are read: a batch that does not split is a usage error.
     parallel = make_parallel(config.parallel, global_batch=config.batch_size, micro_steps=config.micro_batches)
-    primary, shard = jax.process_index() == 0, {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
     train_data = image_folder(config.data)
     val_data = image_folder(config.val_data, classes=train_data.classes)
     config = config.resolved(len(train_data.classes))
@@ -510,11 +512,26 @@ def train_and_evaluate(
     per_epoch = steps_per_epoch(len(train_data), config.batch_size)
     if per_epoch == 0:
         raise ValueError(f"{config.data}: {len(train_data)} images is less than one batch of {config.batch_size}")
-    total_steps = config.epochs * per_epoch
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, keep=config.keep)
+    try:
+        return _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epoch, resume, on_checkpoint)
+    finally:
+        checkpoints.close()  # also when the workdir, the weights or a restore are refused
+
+
+def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epoch, resume, on_checkpoint):
+    """The loop of `train_and_evaluate`, once its checkpoint manager exists."""
+    from tqdm import tqdm
+
+    from .data import eval_batches, train_batches
+    from .io import save_variables
+    from .model import AlexNet
+
+    primary, shard = jax.process_index() == 0, {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
+    total_steps = config.epochs * per_epoch
     _prepare_workdir(workdir, config, resume, checkpoints.latest_step())
 
     model = AlexNet(num_classes=config.num_classes)
@@ -582,7 +599,9 @@ def train_and_evaluate(
                 if config.recipe == "paper" and plateau.update(val["top1"]):
                     state = parallel.put_state(set_learning_rate(state, current_learning_rate(state) * plateau.factor))
                 loop.update(epoch_loss=0.0, epoch_top1=0.0, epoch_steps=0)
-                save(val_top1=val["top1"])
+                # The line goes out before the checkpoint: a run killed between the two
+                # resumes before this epoch's end and drops the line (_truncate_metrics);
+                # the other order would lose it for good.
                 if primary:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(last) + "\n")
@@ -590,13 +609,14 @@ def train_and_evaluate(
                         f"epoch {last['epoch']}: train loss {last['train_loss']:.4f}, val loss {val['loss']:.4f}, "
                         f"top-1 {val['top1']:.4f}, top-5 {val['top5']:.4f}"
                     )
+                save(val_top1=val["top1"])
             elif config.save_every and step % config.save_every == 0:
                 save()
     finally:
         bar.close()
-        checkpoints.close()
+        checkpoints.wait()
     final = workdir / FINAL_VARIABLES_FILE
-    params = jax.device_get(state.params)  # every process takes part: the arrays may span them
+    params = jax.device_get(state.params)  # replicated on every device, so each process holds them whole
     if primary:
         save_variables(final, {"params": params})
         plot_curves(metrics_path, workdir / CURVES_FILE)

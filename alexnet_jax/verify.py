@@ -87,9 +87,10 @@ def jax_logits(variables: Mapping[str, Any], x_nhwc: np.ndarray, num_classes: in
 
 def torch_logits(state_dict: Mapping[str, Any], x_nhwc: np.ndarray, num_classes: int) -> tuple[np.ndarray, str]:
     """Logits of the torch reference (see `reference.py`). **Returns:** (logits, reference description)."""
-    import torch
-
     from .reference import torch_alexnet
+    from .weights import _require_torch
+
+    torch = _require_torch()  # a WeightsError that says how to install it
 
     tensors = {k: torch.as_tensor(np.asarray(v)) if not hasattr(v, "detach") else v for k, v in state_dict.items()}
     model, description = torch_alexnet(tensors, num_classes)

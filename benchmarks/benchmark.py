@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(_table(results, modes))
     if args.output:
-        args.output.write_text(json.dumps(results, indent=2) + "\n")
+        from alexnet_jax.io import atomic_write_bytes
+
+        atomic_write_bytes(args.output, (json.dumps(results, indent=2) + "\n").encode())
         print(f"wrote {args.output}")
     return 0
 

@@ -24,10 +24,14 @@ import argparse
 import os
 import sys
 
-from alexnet_jax.data import DataError
-from alexnet_jax.model import MIN_SIZE
-from alexnet_jax.parallel import INIT_TIMEOUT_S, MODES, DistributedError, initialize_distributed
-from alexnet_jax.train import EPOCHS, RECIPES, NonFiniteLossError, TrainConfig, train_and_evaluate
+try:
+    from alexnet_jax.checkpoint import CheckpointError
+    from alexnet_jax.data import DataError
+    from alexnet_jax.model import MIN_SIZE
+    from alexnet_jax.parallel import INIT_TIMEOUT_S, MODES, DistributedError, initialize_distributed
+    from alexnet_jax.train import EPOCHS, RECIPES, NonFiniteLossError, TrainConfig, train_and_evaluate
+except ImportError as e:  # Orbax, Grain or matplotlib missing: one line, not a traceback
+    sys.exit(f"error: {e}; training needs the train extra: pip install 'alexnet-jax[train]'")
 
 
 def _env_int(name: str) -> int | None:
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         last = train_and_evaluate(config, args.workdir, resume=args.resume)
-    except (DataError, NonFiniteLossError, OSError, ValueError) as e:
+    except (DataError, NonFiniteLossError, CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     import jax

@@ -109,3 +109,15 @@ def test_max_pool_gradient_matches_torch_ties_included(shape):
     np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
     # Overlapping windows add in another order than torch: float32 rounding of a few terms.
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=0, atol=2e-6)
+
+
+def test_max_pool_forward_mode_is_the_transpose_of_its_gradient():
+    # jvp and grad both work through the pool (the derivative is a custom_jvp), and agree.
+    from alexnet_jax.model import max_pool
+
+    rng = np.random.default_rng(0)
+    x, t = (jnp.asarray(rng.standard_normal((2, 13, 15, 3)).astype(np.float32)) for _ in range(2))
+    y, jvp_out = jax.jvp(max_pool, (x,), (t,))
+    g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
+    (vjp_out,) = jax.vjp(max_pool, x)[1](g)
+    np.testing.assert_allclose(float(jnp.vdot(jvp_out, g)), float(jnp.vdot(t, vjp_out)), rtol=1e-5)

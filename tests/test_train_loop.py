@@ -57,18 +57,26 @@ def _config(data, **kw) -> TrainConfig:
     return TrainConfig(**{**defaults, **kw})
 
 
-def test_killed_and_resumed_run_ends_with_the_same_parameters(data, tmp_path):
-    """Bit-exact: the resumed run replays the same batches, dropout keys and XLA programs on the same CPU."""
-    config = _config(data, batch_size=12)  # 24 images: 2 steps per epoch, 4 steps; saves at 2, 3, 4
-    straight = train_and_evaluate(config, tmp_path / "straight")
+@pytest.fixture(scope="module")
+def straight_run(data, tmp_path_factory):
+    """An uninterrupted 4-step run (24 images, 2 steps per epoch; saves at 2, 3, 4)."""
+    config = _config(data, batch_size=12)
+    workdir = tmp_path_factory.mktemp("straight")
+    return config, workdir, train_and_evaluate(config, workdir)
 
+
+# 2: right after epoch 1's checkpoint (its metrics line must survive); 3: mid-epoch 2.
+@pytest.mark.parametrize("kill_at", [2, 3])
+def test_killed_and_resumed_run_ends_with_the_same_parameters(straight_run, tmp_path, kill_at):
+    """Bit-exact: the resumed run replays the same batches, dropout keys and XLA programs on the same CPU."""
+    config, straight_dir, straight = straight_run
     killed = tmp_path / "killed"
     script = (
         "import os, signal, sys\n"
         "from alexnet_jax.train import TrainConfig, train_and_evaluate\n"
         "config = TrainConfig(**__import__('json').loads(sys.argv[1]))\n"
         "def kill(step):\n"
-        "    if step == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"    if step == {kill_at}: os.kill(os.getpid(), signal.SIGKILL)\n"
         "train_and_evaluate(config, sys.argv[2], on_checkpoint=kill)\n"
     )
     run = subprocess.run(
@@ -77,15 +85,15 @@ def test_killed_and_resumed_run_ends_with_the_same_parameters(data, tmp_path):
     )
     assert run.returncode == -signal.SIGKILL, run.stderr
     assert not (killed / "final.msgpack").exists()
-    assert Checkpoints(killed / "checkpoints").latest_step() == 3  # mid-epoch 2
+    assert Checkpoints(killed / "checkpoints").latest_step() == kill_at
     assert [m["step"] for m in read_metrics(killed / "metrics.jsonl")] == [2]
 
     resumed = train_and_evaluate(config, killed, resume=True)
-    ours, theirs = load_variables(killed / "final.msgpack"), load_variables(tmp_path / "straight" / "final.msgpack")
+    ours, theirs = load_variables(killed / "final.msgpack"), load_variables(straight_dir / "final.msgpack")
     for layer in theirs["params"]:
         for leaf in theirs["params"][layer]:
             np.testing.assert_array_equal(ours["params"][layer][leaf], theirs["params"][layer][leaf], err_msg=layer)
-    assert read_metrics(killed / "metrics.jsonl") == read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert read_metrics(killed / "metrics.jsonl") == read_metrics(straight_dir / "metrics.jsonl")
     assert resumed == {**straight, "final_variables": str(killed / "final.msgpack")}
 
 
