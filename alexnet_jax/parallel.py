@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .train import TrainState, apply_step
+from .weights import first_line
 
 MODES = ("none", "pmap", "sharded")
 PMAP_AXIS = "batch"  # the axis name flax's examples use for pmap
@@ -94,7 +95,7 @@ def initialize_distributed(
         jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s)
     except Exception as e:  # jaxlib raises its own runtime error types; all mean "did not meet"
         where = coordinator or "the auto-detected coordinator"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise DistributedError(
             f"could not join the run through {where} within {timeout_s} s "
             f"(is process 0 running and the port reachable?): {reason}"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 
+from .weights import first_line
+
 
 def _vendored_alexnet_class():
     import torch
@@ -60,7 +62,7 @@ def torch_alexnet_class() -> tuple[type, str]:
     try:
         return importlib.import_module("torchvision.models").AlexNet, "torchvision.models.AlexNet"
     except Exception as e:  # noqa: BLE001 - a CUDA-only torchvision fails with RuntimeError, a missing one ImportError
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         return _vendored_alexnet_class(), f"copy of torchvision's AlexNet (torchvision not importable: {reason})"
 
 

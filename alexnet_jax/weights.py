@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .model import MIN_SIZE
 from .preprocess import CROP_SIZE, MEAN_RGB, RESIZE_SIZE, STDDEV_RGB
+
+
+def url_file_name(url: str) -> str:
+    """The last part of a URL or path: the name torch hub caches a download under."""
+    return url.rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,7 @@ class WeightsRecord:
 
     @property
     def file_name(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
+        return url_file_name(self.url)
 
 
 # torchvision.models.AlexNet_Weights.IMAGENET1K_V1
@@ -48,7 +54,7 @@ IMAGENET1K_V1 = WeightsRecord(
     url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
     sha256_prefix="7be5be79",
     num_params=61_100_840,
-    min_size=63,
+    min_size=MIN_SIZE,
     acc1=56.522,
     acc5=79.066,
 )
@@ -78,7 +84,7 @@ def hub_checkpoint_dir() -> Path:
 
 def hash_prefix(url_or_name: str) -> str | None:
     """The sha256 prefix torch hub reads from a file name like `alexnet-owt-7be5be79.pth`."""
-    match = _HASH_IN_NAME.search(url_or_name.rsplit("/", 1)[-1])
+    match = _HASH_IN_NAME.search(url_file_name(url_or_name))
     return match.group(1) if match else None
 
 
@@ -89,7 +95,7 @@ def fetch_state_dict(url: str = IMAGENET1K_V1.url, *, progress: bool = True) -> 
     **Raises:** WeightsError with one line saying why and what to do instead.
     """
     torch = _require_torch()
-    cached = hub_checkpoint_dir() / url.rsplit("/", 1)[-1]
+    cached = hub_checkpoint_dir() / url_file_name(url)
     if hash_prefix(url) is None:
         raise WeightsError(f"{url}: the file name carries no sha256 prefix (name-<hash>.pth), so it cannot be checked")
     old_timeout = socket.getdefaulttimeout()
@@ -109,15 +115,15 @@ def fetch_state_dict(url: str = IMAGENET1K_V1.url, *, progress: bool = True) -> 
     except RuntimeError as e:
         if "invalid hash value" in str(e):
             raise WeightsError(f"{url}: downloaded file failed its sha256 check and was discarded ({e})") from e
-        raise WeightsError(f"could not read {cached}: {_first_line(e)}") from e
+        raise WeightsError(f"could not read {cached}: {first_line(e)}") from e
     except Exception as e:  # noqa: BLE001 - an unpickling error from a bad cached file, say
-        raise WeightsError(f"could not read {cached}: {_first_line(e)}") from e
+        raise WeightsError(f"could not read {cached}: {first_line(e)}") from e
     finally:
         socket.setdefaulttimeout(old_timeout)
     return state_dict, cached
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """The first sentence of an exception's message, for one-line errors."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0].split('. ')[0]}" if text else type(e).__name__
@@ -177,8 +183,8 @@ def _why_unreadable(e: Exception) -> str:
             f"allow{detail}; nothing in it was executed"
         )
     if isinstance(e, (zipfile.BadZipFile, EOFError)) or "zip archive" in text or "PytorchStreamReader" in text:
-        return f"truncated or corrupt ({_first_line(e)})"
-    return f"not a readable PyTorch file ({_first_line(e)})"
+        return f"truncated or corrupt ({first_line(e)})"
+    return f"not a readable PyTorch file ({first_line(e)})"
 
 
 def _load_safetensors(path: Path) -> dict[str, Any]:
@@ -189,4 +195,4 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - header and size errors from a bad file
-        raise WeightsError(f"{path}: truncated or corrupt safetensors file ({_first_line(e)})") from e
+        raise WeightsError(f"{path}: truncated or corrupt safetensors file ({first_line(e)})") from e

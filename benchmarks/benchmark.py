@@ -40,8 +40,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
         p.error("--repeats and --batch-sizes must be at least 1, --warmup at least 0")
-    if args.image_size < 63:
-        p.error("--image-size must be at least 63 (AlexNet's smallest input)")
+    from alexnet_jax.model import MIN_SIZE
+
+    if args.image_size < MIN_SIZE:
+        p.error(f"--image-size must be at least {MIN_SIZE} (AlexNet's smallest input)")
     return args
 
 
