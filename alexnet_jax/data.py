@@ -7,7 +7,7 @@ eval images get `alexnet_jax.preprocess` (resize 256, center crop 224), scaled f
 other sizes S to resize round(S * 256 / 224), crop S.
 
 Determinism: the order of epoch e is a permutation drawn from (seed, e), and the
-augmentation of the example at position i of epoch e from (seed, e, i). Batch t of a
+augmentation of the example at position i of the run (counted from step 0) from (seed, e, i). Batch t of a
 run is therefore a function of (seed, t) alone: resuming at step t restores the data
 position exactly, and the number of worker processes changes nothing.
 

@@ -2,7 +2,8 @@
 
 Writes are atomic: the bytes go to a temporary file in the same folder, are
 fsynced, then renamed over the target, so an interrupted or failed run never
-leaves a truncated or half-written file under the requested name.
+leaves a truncated or half-written file under the requested name. (The folder is
+not fsynced: after a power loss the rename itself may be lost, leaving the old file.)
 """
 
 from __future__ import annotations

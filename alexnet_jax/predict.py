@@ -6,7 +6,7 @@
 
 Images are run in chunks of `batch_size`. A chunk that is not full is padded with
 zeros to the next power of two (at most `batch_size`), so a folder of any size
-compiles at most log2(batch_size) + 1 shapes, and a second call never compiles
+compiles at most ceil(log2(batch_size)) + 1 shapes, and a second call never compiles
 again; the padded rows are dropped from the results. The compiled functions are
 cached per (num_classes, dtype), not per call.
 """
