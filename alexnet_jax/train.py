@@ -304,10 +304,9 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, ja
     """
     mask = batch["mask"].astype(jnp.float32)
     logits = state.apply_fn({"params": state.params}, batch["image"], train=False)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"])
     top1, top5 = _correct(logits, batch["label"])
     return {
-        "loss": jnp.sum(losses * mask),
+        "loss": cross_entropy(logits, batch["label"], mask, count=1.0),  # the sum: divided by 1
         "top1": jnp.sum(top1 * mask),
         "top5": jnp.sum(top5 * mask),
         "count": jnp.sum(mask),

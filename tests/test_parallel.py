@@ -110,8 +110,9 @@ def test_the_comparison_is_not_vacuous(result):
     assert result["moved"] > 1e-3
 
 
-@pytest.mark.parametrize("variant", ["pmap", "sharded"])
-def test_parallel_steps_equal_single_device_steps(result, variant):
+# pmap and shardings against single-device steps; accumulated micro-batches against the big batch.
+@pytest.mark.parametrize("variant", ["pmap", "sharded", "accumulate", "sharded_accumulate"])
+def test_parallel_and_accumulated_steps_equal_single_device_steps(result, variant):
     got = result["variants"][variant]
     assert got["params"] < TOLERANCE, got
     assert got["loss"] < TOLERANCE, got
@@ -119,13 +120,6 @@ def test_parallel_steps_equal_single_device_steps(result, variant):
 
 def test_the_sharded_state_is_replicated_over_the_four_devices(result):
     assert "P()" in result["variants"]["sharded"]["sharding"] or "PartitionSpec()" in result["variants"]["sharded"]["sharding"]
-
-
-@pytest.mark.parametrize("variant", ["accumulate", "sharded_accumulate"])
-def test_accumulated_micro_batches_equal_the_big_batch(result, variant):
-    got = result["variants"][variant]
-    assert got["params"] < TOLERANCE, got
-    assert got["loss"] < TOLERANCE, got
 
 
 def test_each_device_gets_its_own_dropout_key(result):
