@@ -20,6 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+
+from . import winograd
 
 # (torchvision index, out channels, kernel, stride, padding). Explicit paddings, never
 # 'SAME': with 'SAME', conv1 would give 56x56 at 224 instead of torchvision's 55x55.
@@ -120,6 +123,51 @@ def _max_pool_jvp(primals, tangents):
     return best, t_out
 
 
+CONV_ALGORITHMS = ("auto", "winograd", "xla")
+
+
+class Conv(nn.Module):
+    """`nn.Conv` for square kernels and symmetric padding, with a choice of algorithm.
+
+    Same parameters as `nn.Conv` ('kernel' HWIO with lecun_normal init, 'bias' zeros),
+    so checkpoints and the conversion table do not care which algorithm ran.
+    `algorithm`: 'xla' is `lax.conv_general_dilated`; 'winograd' computes stride-1
+    layers by `winograd.conv` (faster on CPU, see there); 'auto' picks Winograd for
+    stride-1 layers in float32/float64 on a CPU backend and XLA's convolution otherwise.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    algorithm: str = "auto"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.algorithm not in CONV_ALGORITHMS:
+            raise ValueError(f"conv algorithm must be one of {CONV_ALGORITHMS}, got {self.algorithm!r}")
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        winograd_ok = self.stride == 1 and (
+            self.algorithm == "winograd" or (self.algorithm == "auto" and winograd.use_winograd(x.dtype))
+        )
+        if winograd_ok:
+            y = winograd.conv(x, kernel, self.padding)
+        else:
+            y = lax.conv_general_dilated(
+                x,
+                kernel,
+                (self.stride, self.stride),
+                ((self.padding, self.padding), (self.padding, self.padding)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+        return y + bias
+
+
 class AlexNet(nn.Module):
     """torchvision.models.AlexNet in Flax.
 
@@ -135,6 +183,7 @@ class AlexNet(nn.Module):
     dropout_rate: float = 0.5  # torchvision's default, before fc6 and fc7
     dtype: Any = jnp.float32  # computation dtype
     param_dtype: Any = jnp.float32
+    conv_algorithm: str = "auto"  # see `Conv`: Winograd for conv2-conv5 on CPU, XLA's convolution elsewhere
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -146,11 +195,12 @@ class AlexNet(nn.Module):
             )
         x = jnp.asarray(x, self.dtype)
         for n, (index, features, kernel, stride, pad) in enumerate(CONV_LAYERS, start=1):
-            x = nn.Conv(
+            x = Conv(
                 features,
-                (kernel, kernel),
-                strides=(stride, stride),
-                padding=((pad, pad), (pad, pad)),
+                kernel,
+                stride,
+                pad,
+                algorithm=self.conv_algorithm,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"features_{index}",
