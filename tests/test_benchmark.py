@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "benchmark.py"
 
 
-def test_benchmark_smoke(tmp_path):
+def _run(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """The script at its smallest (batch 1, 63x63, one timed call, no torch.compile): (process, JSON)."""
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--batch-sizes", "1", "--repeats", "1",
-         "--warmup", "0", "--image-size", "63", "--no-compile", "--output", str(out)],
+        [sys.executable, str(SCRIPT), "--batch-sizes", "1", "--repeats", "1",
+         "--warmup", "0", "--image-size", "63", "--no-compile", "--output", str(out), *extra],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    results = json.loads(out.read_text())
+    return done, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_smoke(tmp_path):
+    done, results = _run(tmp_path)
     (run,) = results["runs"]
     assert run["batch"] == 1
     for work in ("infer", "train"):
@@ -26,3 +43,30 @@ def test_benchmark_smoke(tmp_path):
         assert all(v > 0 for v in run[work].values())
     assert results["conversion"]["weights_mb"] > 240  # the full 61M-parameter model in float32
     assert "| infer | 1 |" in done.stdout and "jax / torch eager" in done.stdout
+    assert results["machine"]["device"]
+    if not results["machine"]["accelerator"]:
+        assert "train_bf16" not in run and "flops" not in results  # bf16 runs on a GPU or with --bf16
+
+
+def test_benchmark_bf16_smoke(tmp_path):
+    done, results = _run(tmp_path, "--bf16", "--peak-tflops", "1", "--steps-per-call", "2")
+    (run,) = results["runs"]
+    assert set(run["train_bf16"]) == set(run["mfu_bf16"]) == {"jax", "torch_eager"}
+    assert all(v > 0 for v in run["train_bf16"].values()) and all(v > 0 for v in run["mfu_bf16"].values())
+    assert results["flops"]["train_per_image"] == 3 * results["flops"]["forward_per_image"]
+    assert (results["machine"]["peak_bf16_tflops"], results["machine"]["peak_source"]) == (1.0, "--peak-tflops")
+    assert results["settings"]["steps_per_call"] == 2
+    assert "| bf16 train | 1 |" in done.stdout and "MFU jax" in done.stdout
+
+
+def test_model_flops_match_torchvision(benchmark):
+    # torchvision's card: 0.714 "GFLOPS" at 224, counting a multiply-add as one.
+    assert benchmark.model_flops_per_image(224) == pytest.approx(2 * 0.714e9, rel=1e-3)
+    assert benchmark.model_flops_per_image(63) < benchmark.model_flops_per_image(224)
+
+
+def test_peak_is_known_only_by_exact_name(benchmark):
+    assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3", None) == (989.4, "table")
+    assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3", 500.0) == (500.0, "--peak-tflops")
+    peak, why = benchmark.peak_tflops("NVIDIA H100 NVL", None)  # a different peak: no guess
+    assert peak is None and "--peak-tflops" in why
