@@ -31,7 +31,7 @@ from flax import traverse_util
 from flax.training import train_state
 
 from .io import atomic_write_bytes
-from .model import HIDDEN
+from .model import CONV_ALGORITHMS, HIDDEN
 
 # torchvision's reference recipe (references/classification, AlexNet row): SGD, momentum 0.9,
 # lr 0.01 for 256 images per step (8 GPUs x 32), x0.1 every 30 epochs, 90 epochs, wd 1e-4.
@@ -384,6 +384,9 @@ class TrainConfig:
     progress: bool = True
     parallel: str = "none"  # "pmap" or "sharded" use every device; "sharded" also spans processes
     micro_batches: int = 1  # gradient accumulation: each step sums the gradients of this many micro-batches
+    # AlexNet's conv_algorithm. Not run-defining: the algorithms compute the same function and
+    # differ in rounding only (a switch on resume is no longer bit-exact, nothing more).
+    conv_algorithm: str = "auto"
 
     def resolved(self, num_class_folders: int) -> TrainConfig:
         """A copy with the defaults that depend on the data and the recipe filled in, and paths made absolute."""
@@ -411,6 +414,8 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(f"unknown recipe {config.recipe!r}; expected one of {', '.join(RECIPES)}")
     if config.lr is not None and not config.lr > 0:
         raise ValueError(f"lr must be positive, got {config.lr}")
+    if config.conv_algorithm not in CONV_ALGORITHMS:
+        raise ValueError(f"unknown conv algorithm {config.conv_algorithm!r}; expected one of {', '.join(CONV_ALGORITHMS)}")
 
 
 def _initial_params(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
@@ -533,7 +538,7 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
     total_steps = config.epochs * per_epoch
     _prepare_workdir(workdir, config, resume, checkpoints.latest_step())
 
-    model = AlexNet(num_classes=config.num_classes)
+    model = AlexNet(num_classes=config.num_classes, conv_algorithm=config.conv_algorithm)
     tx = make_optimizer(
         lr_for_recipe(config.recipe, config.lr, per_epoch, step_epochs=config.lr_step_epochs),
         weight_decay=config.weight_decay,

@@ -27,7 +27,7 @@ import sys
 try:
     from alexnet_jax.checkpoint import CheckpointError
     from alexnet_jax.data import DataError
-    from alexnet_jax.model import MIN_SIZE
+    from alexnet_jax.model import CONV_ALGORITHMS, MIN_SIZE
     from alexnet_jax.parallel import INIT_TIMEOUT_S, MODES, DistributedError, initialize_distributed
     from alexnet_jax.train import EPOCHS, RECIPES, NonFiniteLossError, TrainConfig, train_and_evaluate
 except ImportError as e:  # Orbax, Grain or matplotlib missing: one line, not a traceback
@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parallel", choices=MODES, default="none",
                         help="none: one device; pmap: jax.pmap over this machine's devices; "
                              "sharded: jit with the batch split over all devices of all processes (default %(default)s)")
+    parser.add_argument("--conv-algorithm", choices=CONV_ALGORITHMS, default="auto",
+                        help="auto: Winograd for conv2-5 on CPU in float32 (faster steps, seconds more to compile), "
+                        "XLA's convolution elsewhere; or force winograd / xla (default %(default)s)")
     parser.add_argument("--micro-batches", type=int, default=1,
                         help="gradient accumulation: split each step's batch into this many micro-batches (default %(default)s)")
     parser.add_argument("--distributed", action="store_true",
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe=args.recipe, weight_decay=args.weight_decay, lr_step_epochs=args.lr_step_epochs,
         patience=args.patience, freeze_features=args.freeze_features, workers=args.workers,
         save_every=args.save_every, keep=args.keep, progress=not args.no_progress,
-        parallel=args.parallel, micro_batches=args.micro_batches,
+        parallel=args.parallel, micro_batches=args.micro_batches, conv_algorithm=args.conv_algorithm,
     )
     try:
         last = train_and_evaluate(config, args.workdir, resume=args.resume)

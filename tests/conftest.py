@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
+# One compilation cache for this test session, shared with the child processes that the
+# CLI, training and multi-device tests start (they inherit the environment): they compile
+# the same programs again and again, and the Winograd convolutions make AlexNet's programs
+# take seconds to compile on CPU. Fresh per session, so no run reuses another's binaries.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="alexnet-jax-test-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+
 # Parity must hold at full float32; GPU and TPU default to lower-precision matmuls.
-import jax
+import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -24,6 +24,9 @@ from test_train_loop import _colour_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train.py"
+# What is under test is the processes agreeing, not the convolution: XLA's compiles in a
+# fraction of the Winograd layers' seconds (test_winograd and test_parity cover those).
+CONV_ALGORITHM = "xla"
 TIMEOUT_S = 240
 # The two runs sum the gradients of the same 8 images in another order (two halves,
 # then an all-reduce); after 2 SGD steps that stays far below this, relative to each
@@ -54,7 +57,7 @@ def _args(data, workdir: Path) -> list[str]:
     return [
         "--data", str(train), "--val-data", str(val), "--workdir", str(workdir), "--epochs", "1",
         "--batch-size", "8", "--lr", "0.01", "--image-size", "64", "--save-every", "0", "--keep", "1",
-        "--workers", "0", "--no-progress",
+        "--workers", "0", "--no-progress", "--conv-algorithm", CONV_ALGORITHM,
     ]
 
 
@@ -81,7 +84,7 @@ def test_two_processes_end_with_the_parameters_of_one(data, tmp_path):
     train, val = data
     single = train_and_evaluate(
         TrainConfig(data=str(train), val_data=str(val), epochs=1, batch_size=8, lr=0.01, image_size=64,
-                    save_every=0, keep=1, progress=False),
+                    save_every=0, keep=1, progress=False, conv_algorithm=CONV_ALGORITHM),
         tmp_path / "single",
     )
 

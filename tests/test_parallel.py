@@ -63,7 +63,9 @@ def _child() -> dict:
     from alexnet_jax.train import create_train_state, dropout_key, init_params, make_optimizer
 
     assert jax.device_count() == DEVICES, jax.devices()
-    model = AlexNet(num_classes=NUM_CLASSES, dropout_rate=0.0)  # dropout off: the variants draw different masks
+    # Dropout off: the variants draw different masks. XLA's convolution: what is under test is
+    # the step's distribution, and it compiles in a fraction of the Winograd layers' time.
+    model = AlexNet(num_classes=NUM_CLASSES, dropout_rate=0.0, conv_algorithm="xla")
     start = jax.device_get(init_params(model, seed=0, image_size=SIZE))
     batches = _batches()
 

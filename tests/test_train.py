@@ -26,6 +26,11 @@ from alexnet_jax.train import (
 NUM_CLASSES = 7
 SIZE = 64  # AlexNet's cheapest useful input (>= 63)
 
+# Tests of the step's plumbing (keys, freezing, eval sums) run XLA's convolution, which
+# compiles in a fraction of the Winograd layers' seconds; the torch SGD parity test runs
+# the default path.
+LOOP_TESTS_CONV = "xla"
+
 
 def _batch(seed: int, n: int = 4) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -114,7 +119,7 @@ def test_plateau_drops_only_after_patience_without_improvement():
 
 
 def test_set_learning_rate_changes_the_next_update(params):
-    model = AlexNet(num_classes=NUM_CLASSES)
+    model = AlexNet(num_classes=NUM_CLASSES, conv_algorithm=LOOP_TESTS_CONV)
     state = create_train_state(model, {"w": jnp.ones(3)}, make_optimizer(0.1, weight_decay=0.0), seed=0)
     state = set_learning_rate(state, 0.01)
     assert current_learning_rate(state) == pytest.approx(0.01)
@@ -124,7 +129,7 @@ def test_set_learning_rate_changes_the_next_update(params):
 
 def test_dropout_key_depends_on_step_only(params):
     """Same state and batch at the same step give the same result; a different step gives another mask."""
-    model = AlexNet(num_classes=NUM_CLASSES)
+    model = AlexNet(num_classes=NUM_CLASSES, conv_algorithm=LOOP_TESTS_CONV)
     make = lambda step: create_train_state(model, _copy(params), make_optimizer(0.01), seed=3).replace(step=step)
     batch = _batch(5)
     _, a = train_step(make(0), batch)
@@ -135,7 +140,7 @@ def test_dropout_key_depends_on_step_only(params):
 
 
 def test_freeze_features_updates_only_the_classifier(params):
-    model = AlexNet(num_classes=NUM_CLASSES)
+    model = AlexNet(num_classes=NUM_CLASSES, conv_algorithm=LOOP_TESTS_CONV)
     state = create_train_state(model, _copy(params), make_optimizer(0.05, freeze_features=True), seed=0)
     state, _ = train_step(state, _batch(1))
     new = jax.device_get(state.params)
@@ -152,7 +157,7 @@ def test_replace_head_keeps_the_body_and_resizes_the_head(params):
 
 
 def test_eval_step_sums_ignore_masked_examples(params):
-    model = AlexNet(num_classes=NUM_CLASSES)
+    model = AlexNet(num_classes=NUM_CLASSES, conv_algorithm=LOOP_TESTS_CONV)
     state = create_train_state(model, _copy(params), make_optimizer(0.01), seed=0)
     batch = _batch(7, n=6)
     logits = np.asarray(model.apply({"params": params}, batch["image"]))

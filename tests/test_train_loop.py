@@ -50,9 +50,11 @@ def data(tmp_path_factory):
 
 def _config(data, **kw) -> TrainConfig:
     train, val = data
+    # XLA's convolution unless a test asks for the default: these tests are about the loop,
+    # and it compiles in a fraction of the Winograd layers' seconds.
     defaults = dict(
         data=str(train), val_data=str(val), epochs=2, batch_size=6, lr=0.01, image_size=64,
-        save_every=3, keep=1, progress=False,
+        save_every=3, keep=1, progress=False, conv_algorithm="xla",
     )
     return TrainConfig(**{**defaults, **kw})
 
@@ -98,7 +100,7 @@ def test_killed_and_resumed_run_ends_with_the_same_parameters(straight_run, tmp_
 
 
 def test_a_short_run_learns_and_writes_metrics_curves_and_weights(data, tmp_path):
-    last = train_and_evaluate(_config(data, epochs=4, save_every=0), tmp_path)
+    last = train_and_evaluate(_config(data, epochs=4, save_every=0, conv_algorithm="auto"), tmp_path)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert {"step", "epoch", "train_loss", "val_loss", "val_top1", "val_top5"} <= set(rows[0])
@@ -148,6 +150,7 @@ def test_cli_reports_bad_input_in_one_line(data, tmp_path):
         ([*base, "--resume"], 1, "no checkpoint to resume from"),
         ([*base, "--batch-size", "100"], 1, "less than one batch of 100"),
         ([*base, "--init-from", str(tmp_path / "missing.msgpack")], 1, "no such file"),
+        ([*base, "--conv-algorithm", "fft"], 2, "invalid choice: 'fft'"),
     ]
     for args, code, message in cases:
         run = _cli(*args)
@@ -162,3 +165,9 @@ def test_workdir_with_checkpoints_needs_resume_and_the_same_run(data, tmp_path):
         train_and_evaluate(config, tmp_path)
     with pytest.raises(ValueError, match=r"cannot resume exactly with a different batch_size \(6 -> 4\)"):
         train_and_evaluate(dataclasses.replace(config, batch_size=4), tmp_path, resume=True)
+
+
+def test_an_unknown_conv_algorithm_is_refused_before_training(data, tmp_path):
+    with pytest.raises(ValueError, match="unknown conv algorithm 'fft'; expected one of auto, winograd, xla"):
+        train_and_evaluate(_config(data, conv_algorithm="fft"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
