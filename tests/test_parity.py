@@ -97,10 +97,17 @@ def _assert_gradients_match(want, got, rtol):
 LABELS = np.array([281, 967, 0, 999])  # tabby cat, espresso, and two arbitrary classes
 
 
+# float32 gradient bound. On GPU, XLA autotunes cuDNN's convolution algorithms, and the one
+# it picks for conv2's kernel gradient rounds to 5-8e-4 of its scale (seen on an H100; it
+# passes 1e-4 with --xla_gpu_autotune_level=0). The float64 test below is the proof that
+# the functions are the same; this one bounds what float32 users see.
+FLOAT32_GRAD_RTOL = 1e-4 if jax.default_backend() == "cpu" else 1e-3
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gradients_match_torch_autograd_float32(torchvision, torchvision_state_dict, photos, seed):
     want, got = _gradients(torchvision, torchvision_state_dict(seed), _batch(photos, (224, 224)), LABELS, torch.float32)
-    _assert_gradients_match(want, got, rtol=1e-4)
+    _assert_gradients_match(want, got, rtol=FLOAT32_GRAD_RTOL)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (256, 320)], ids=lambda s: f"{s[0]}x{s[1]}")
