@@ -7,7 +7,6 @@ final weights. The children are bounded by a timeout and killed in `finally`.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
