@@ -141,7 +141,7 @@ class Conv(nn.Module):
     stride: int = 1
     padding: int = 0
     algorithm: str = "auto"
-    dtype: Any = jnp.float32
+    dtype: Any = None  # as nn.Conv: None computes in the promoted dtype of input and parameters
     param_dtype: Any = jnp.float32
 
     @nn.compact

@@ -20,13 +20,15 @@ over a stacked input were measured slower, because XLA's CPU backend copies ever
 `jnp.split`, whose transpose is one concatenate.
 
 Costs: XLA compiles every distinct fused sum on its own, so a program with these layers
-takes seconds more to compile (AlexNet's forward ~5 s instead of ~0.5 s, a training
-step ~12 s instead of ~2.5 s, on 2 cores). The output transform interleaves tiles with a
+takes seconds more to compile (AlexNet's forward and training step together ~10 s
+instead of ~3 s on 2 cores). The products kept for the backward pass are larger than
+the layer's input: ~4.6x for the 3x3 layers, ~9.7x for conv2, at 224x224. The output transform interleaves tiles with a
 stack whose fused operands XLA evaluates element by element, which is why m stays 2: at
 m = 3 or 4 that loop costs more than the saved multiplications.
 
-Numerics: with m = 2 the float32 error stays within a few times that of the direct
-convolution (relative ~1e-6 on AlexNet's layers), and float64 agrees to ~1e-15.
+Numerics: with m = 2 the float32 error is about twice the direct convolution's for 3x3
+kernels and about ten times for 5x5 (relative ~1e-6 and ~5e-6 on AlexNet's layers);
+float64 agrees to ~1e-15. Inputs narrower than float32 are computed in float32.
 """
 
 from __future__ import annotations
@@ -119,9 +121,15 @@ def conv(x: jnp.ndarray, kernel: jnp.ndarray, padding: int, tile: int = 2) -> jn
     r, r2, c_in, c_out = kernel.shape
     if r != r2 or c_in != c:
         raise ValueError(f"need a square kernel with {c} input channels, got {kernel.shape}")
+    out_h, out_w = h + 2 * padding - r + 1, w + 2 * padding - r + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"a {h}x{w} input with padding {padding} is smaller than the {r}x{r} kernel")
+    if jnp.finfo(x.dtype).bits < 32:
+        # The transforms add and cancel terms of mixed sign (weights up to 5, fractions down
+        # to 1/576 for 5x5): in bf16 that is ~20x the direct convolution's error. Work in float32.
+        return conv(x.astype(jnp.float32), kernel.astype(jnp.float32), padding, tile).astype(x.dtype)
     m, a = tile, tile + r - 1
     at, g, bt = transforms(m, r)
-    out_h, out_w = h + 2 * padding - r + 1, w + 2 * padding - r + 1
     th, tw = -(-out_h // m), -(-out_w // m)  # tiles; the last may hang over and is cropped
     # Pad to exactly the rows and columns the tiles read: (t-1)*m + a.
     xp = jnp.pad(
@@ -160,6 +168,8 @@ def use_winograd(dtype) -> bool:
     """Whether the 'auto' algorithm picks Winograd: float32/float64 on a CPU backend.
 
     On GPU and TPU the vendor convolutions are already fast and, in bf16, Winograd's
-    extra additions would cost accuracy that float32 does not notice.
+    extra additions would cost accuracy that float32 does not notice. Decided when the
+    model is traced, from `jax.default_backend()`: a program placed on a CPU of a machine
+    whose default backend is a GPU gets XLA's convolution; pass conv_algorithm explicitly there.
     """
     return jax.default_backend() == "cpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))

@@ -21,6 +21,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    # A size bound makes JAX lock the cache, so processes compiling at once (the multi-host
+    # test) never read an entry another one is still writing.
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 
 # Parity must hold at full float32; GPU and TPU default to lower-precision matmuls.
 import jax  # noqa: E402
