@@ -126,6 +126,12 @@ def _max_pool_jvp(primals, tangents):
 CONV_ALGORITHMS = ("auto", "winograd", "xla")
 
 
+def check_conv_algorithm(name: str) -> None:
+    """Raise ValueError unless `name` is one of CONV_ALGORITHMS (the model and the training config both ask)."""
+    if name not in CONV_ALGORITHMS:
+        raise ValueError(f"unknown conv algorithm {name!r}; expected one of {', '.join(CONV_ALGORITHMS)}")
+
+
 class Conv(nn.Module):
     """`nn.Conv` for square kernels and symmetric padding, with a choice of algorithm.
 
@@ -146,8 +152,7 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        if self.algorithm not in CONV_ALGORITHMS:
-            raise ValueError(f"conv algorithm must be one of {CONV_ALGORITHMS}, got {self.algorithm!r}")
+        check_conv_algorithm(self.algorithm)
         k = self.kernel_size
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)

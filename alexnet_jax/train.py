@@ -31,7 +31,7 @@ from flax import traverse_util
 from flax.training import train_state
 
 from .io import atomic_write_bytes
-from .model import CONV_ALGORITHMS, HIDDEN
+from .model import HIDDEN, check_conv_algorithm
 
 # torchvision's reference recipe (references/classification, AlexNet row): SGD, momentum 0.9,
 # lr 0.01 for 256 images per step (8 GPUs x 32), x0.1 every 30 epochs, 90 epochs, wd 1e-4.
@@ -414,8 +414,7 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(f"unknown recipe {config.recipe!r}; expected one of {', '.join(RECIPES)}")
     if config.lr is not None and not config.lr > 0:
         raise ValueError(f"lr must be positive, got {config.lr}")
-    if config.conv_algorithm not in CONV_ALGORITHMS:
-        raise ValueError(f"unknown conv algorithm {config.conv_algorithm!r}; expected one of {', '.join(CONV_ALGORITHMS)}")
+    check_conv_algorithm(config.conv_algorithm)
 
 
 def _initial_params(config: TrainConfig, model: nn.Module) -> dict[str, Any]:

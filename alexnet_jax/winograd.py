@@ -22,9 +22,10 @@ over a stacked input were measured slower, because XLA's CPU backend copies ever
 Costs: XLA compiles every distinct fused sum on its own, so a program with these layers
 takes seconds more to compile (AlexNet's forward and training step together ~10 s
 instead of ~3 s on 2 cores). The products kept for the backward pass are larger than
-the layer's input: ~4.6x for the 3x3 layers, ~9.7x for conv2, at 224x224. The output transform interleaves tiles with a
-stack whose fused operands XLA evaluates element by element, which is why m stays 2: at
-m = 3 or 4 that loop costs more than the saved multiplications.
+the layer's input: ~4.6x for the 3x3 layers, ~9.7x for conv2, at 224x224. The output
+transform interleaves tiles with a stack whose fused operands XLA evaluates element by
+element, which is why m stays 2: at m = 3 or 4 that loop costs more than the saved
+multiplications.
 
 Numerics: with m = 2 the float32 error is about twice the direct convolution's for 3x3
 kernels and about ten times for 5x5 (relative ~1e-6 and ~5e-6 on AlexNet's layers);

@@ -119,7 +119,7 @@ def test_plateau_drops_only_after_patience_without_improvement():
 
 
 def test_set_learning_rate_changes_the_next_update(params):
-    model = AlexNet(num_classes=NUM_CLASSES, conv_algorithm=LOOP_TESTS_CONV)
+    model = AlexNet(num_classes=NUM_CLASSES)
     state = create_train_state(model, {"w": jnp.ones(3)}, make_optimizer(0.1, weight_decay=0.0), seed=0)
     state = set_learning_rate(state, 0.01)
     assert current_learning_rate(state) == pytest.approx(0.01)
