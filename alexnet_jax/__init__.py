@@ -5,6 +5,12 @@
     logits = AlexNet().apply(variables, images_nhwc)   # (N, 1000)
 """
 
+# First, before anything here can start JAX's backend: glibc must keep the memory that
+# XLA's CPU programs free after every call, or each call page-faults it back (host_memory.py).
+from .host_memory import keep_freed_memory
+
+HOST_MEMORY = keep_freed_memory()
+
 from .convert import ConversionError, check_variables, flax_to_torch, torch_to_flax
 from .io import load_variables, save_variables
 from .labels import IMAGENET_CLASSES
