@@ -267,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     # torch shares the GPU with JAX in this process: JAX must not take 75% of it up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    # alexnet_jax first, as a user's script would import it: it sets glibc to keep freed
+    # memory (alexnet_jax/host_memory.py), which must happen before JAX or torch start
+    # threads. Both frameworks then run under the same allocator settings.
+    import alexnet_jax
+
     import jax
     import jax.numpy as jnp
     import torch
@@ -310,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch_cuda": torch.version.cuda,
             "torch_threads": torch.get_num_threads(),
             "torch_reference": reference,
+            "host_memory": alexnet_jax.HOST_MEMORY,
         },
         "settings": {
             "image_size": args.image_size, "repeats": args.repeats, "warmup": args.warmup,
@@ -413,6 +419,7 @@ def _table(results: dict, modes: list[str]) -> str:
         lines.append(f"each timed call: {steps} steps back to back, one wait at the end")
     gpu = f", {m['device']}" if m["accelerator"] else ""
     lines.append(f"{m['platform']}, {m['cpus']} CPUs{gpu}, jax {m['jax']} ({m['jax_backend']}), torch {m['torch']} ({m['torch_threads']} threads)")
+    lines.append(f"glibc keeps freed host memory (alexnet_jax.host_memory): {m['host_memory']}")
     return "\n".join(lines)
 
 
