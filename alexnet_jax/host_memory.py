@@ -22,6 +22,11 @@ small blocks without its lock). A thread keeps the arena it first allocated from
 settings must come before JAX starts its backend: `import alexnet_jax` applies them first
 thing, and warns if JAX's CPU backend was already running. Glibc on Linux only; other
 C libraries are left as they are. Set ALEXNET_JAX_KEEP_HOST_MEMORY=0 to opt out.
+
+Limits: mallopt takes an int, so scratch of 2 GiB or more at the top of the heap is still
+handed back and faulted again (AlexNet's training step at batch 32 needs ~0.5 GB). Threads
+that other libraries started before the import may hold arenas of their own, which XLA's
+threads can then share; and with jemalloc or tcmalloc preloaded the settings do nothing.
 """
 
 from __future__ import annotations
@@ -48,8 +53,8 @@ def keep_freed_memory() -> str:
     Idempotent. Warns (RuntimeWarning) when applied after JAX's CPU backend had started,
     because XLA's threads then keep the arenas they already have.
     """
-    if os.environ.get(ENV, "1").strip() == "0":
-        return f"off ({ENV}=0)"
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"off ({ENV}={os.environ[ENV]})"
     if not sys.platform.startswith("linux"):
         return f"not applied: {sys.platform} is not Linux"
     try:
@@ -63,7 +68,7 @@ def keep_freed_memory() -> str:
     if _jax_cpu_backend_started():
         warnings.warn(
             "alexnet_jax was imported after JAX started its CPU backend, so XLA's threads keep "
-            "glibc's default arenas and CPU programs re-fault their scratch memory on every call "
+            "glibc's default arenas and CPU programs may re-fault their scratch memory on every call "
             "(AlexNet ~20% slower); import alexnet_jax before running JAX code",
             RuntimeWarning,
             stacklevel=2,

@@ -43,10 +43,21 @@ CHILD = textwrap.dedent(
 )
 
 
+def _thp_always() -> bool:
+    """Transparent huge pages for every mapping: faults come per 2 MB, not per page."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
 def _run(code: str, **env: str) -> tuple[dict, str]:
+    # The user's own allocator settings would decide the outcome instead of the module's.
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
     proc = subprocess.run(
         [sys.executable, "-c", code],
-        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        env={**base, "JAX_PLATFORMS": "cpu", "ALEXNET_JAX_KEEP_HOST_MEMORY": "1", **env},
         capture_output=True,
         text=True,
         timeout=300,
@@ -56,6 +67,7 @@ def _run(code: str, **env: str) -> tuple[dict, str]:
 
 
 @glibc_linux
+@pytest.mark.skipif(_thp_always(), reason="with huge pages everywhere the default faults per 2 MB")
 def test_scratch_memory_is_reused_not_faulted_again():
     kept, _ = _run(CHILD)
     default, _ = _run(CHILD, ALEXNET_JAX_KEEP_HOST_MEMORY="0")
@@ -64,9 +76,9 @@ def test_scratch_memory_is_reused_not_faulted_again():
     pages = kept["temp_pages"]
     assert pages * 4096 > 32 * 2**20  # above glibc's largest mmap threshold: mapped per call by default
     # glibc's default maps the scratch afresh on every call: a fault per page, every time.
-    assert min(default["faults"][1:]) > 0.9 * pages, default["faults"]
-    # Kept: after the first call the same pages serve every call.
-    assert max(kept["faults"][1:]) < 0.01 * pages, kept["faults"]
+    assert min(default["faults"][2:]) > 0.9 * pages, default["faults"]
+    # Kept: after the first calls the same pages serve every call.
+    assert max(kept["faults"][2:]) < 0.01 * pages, kept["faults"]
 
 
 @glibc_linux
@@ -80,5 +92,6 @@ def test_importing_after_jax_started_its_backend_warns():
 def test_opting_out_leaves_malloc_alone(monkeypatch):
     from alexnet_jax.host_memory import ENV, keep_freed_memory
 
-    monkeypatch.setenv(ENV, "0")
-    assert keep_freed_memory() == f"off ({ENV}=0)"
+    for value in ("0", "off"):
+        monkeypatch.setenv(ENV, value)
+        assert keep_freed_memory() == f"off ({ENV}={value})"
