@@ -38,12 +38,11 @@ import warnings
 
 ENV = "ALEXNET_JAX_KEEP_HOST_MEMORY"
 
-# From glibc's <malloc.h>.
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+# (name, parameter number from glibc's <malloc.h>, value)
 SETTINGS: tuple[tuple[str, int, int], ...] = (
-    ("M_ARENA_MAX", M_ARENA_MAX, 1),
-    ("M_MMAP_MAX", M_MMAP_MAX, 0),
-    ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, 2**31 - 1),  # mallopt takes an int
+    ("M_ARENA_MAX", -8, 1),
+    ("M_MMAP_MAX", -4, 0),
+    ("M_TRIM_THRESHOLD", -1, 2**31 - 1),  # mallopt takes an int
 )
 
 
