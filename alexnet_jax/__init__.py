@@ -5,16 +5,11 @@
     logits = AlexNet().apply(variables, images_nhwc)   # (N, 1000)
 """
 
-# First, before anything here can start JAX's backend: glibc must keep the memory that
-# XLA's CPU programs free after every call, or each call page-faults it back (host_memory.py).
 from .host_memory import keep_freed_memory
-
-HOST_MEMORY = keep_freed_memory()
-
 from .convert import ConversionError, check_variables, flax_to_torch, torch_to_flax
 from .io import load_variables, save_variables
 from .labels import IMAGENET_CLASSES
-from .model import AlexNet
+from .model import AlexNet, replace_head, trunk_features
 from .predict import Prediction, features, predict, predict_logits
 from .preprocess import CROP_SIZE, MEAN_RGB, RESIZE_SIZE, STDDEV_RGB, preprocess, preprocess_batch
 from .weights import IMAGENET1K_V1
@@ -27,6 +22,7 @@ __all__ = [
     "CROP_SIZE",
     "IMAGENET1K_V1",
     "IMAGENET_CLASSES",
+    "keep_freed_memory",
     "MEAN_RGB",
     "Prediction",
     "RESIZE_SIZE",
@@ -39,8 +35,10 @@ __all__ = [
     "predict_logits",
     "preprocess",
     "preprocess_batch",
+    "replace_head",
     "save_variables",
     "torch_to_flax",
+    "trunk_features",
     "TrainConfig",
     "TrainState",
     "create_train_state",

@@ -31,7 +31,7 @@ from flax import traverse_util
 from flax.training import train_state
 
 from .io import atomic_write_bytes
-from .model import HIDDEN, check_conv_algorithm
+from .model import check_conv_algorithm, replace_head
 
 # torchvision's reference recipe (references/classification, AlexNet row): SGD, momentum 0.9,
 # lr 0.01 for 256 images per step (8 GPUs x 32), x0.1 every 30 epochs, 90 epochs, wd 1e-4.
@@ -172,20 +172,6 @@ def init_params(model: nn.Module, *, seed: int, image_size: int = 63) -> dict[st
     """Freshly initialized `"params"` for `model` (the image size does not change their shapes)."""
     init = jax.jit(model.init)
     return init(jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3), model.param_dtype))["params"]
-
-
-def replace_head(params: Mapping[str, Any], num_classes: int, *, seed: int) -> dict[str, Any]:
-    """`params` with classifier_6 re-initialized for `num_classes` outputs (fine-tuning).
-
-    The new head is an `nn.Dense` with the initializers AlexNet's own head has
-    (LeCun-normal kernel, zero bias), drawn from `seed`.
-    **Returns:** a new dict; classifier_6 kernel (4096, num_classes), bias (num_classes,).
-    """
-    kernel = params["classifier_6"]["kernel"]
-    head = nn.Dense(num_classes, param_dtype=kernel.dtype).init(
-        jax.random.PRNGKey(seed), jnp.zeros((1, HIDDEN), kernel.dtype)
-    )["params"]
-    return {**params, "classifier_6": head}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array, count: jax.Array | None = None) -> jax.Array:

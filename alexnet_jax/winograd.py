@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 # Interpolation points in the order that keeps the transforms' coefficients smallest;
 # infinity is always the last point. F(m, r) uses the first m + r - 2 of them.
@@ -154,6 +155,7 @@ def conv(x: jnp.ndarray, kernel: jnp.ndarray, padding: int, tile: int = 2) -> jn
 
     # One GEMM per position of the transformed tile. Separate dots, not one batched
     # dot: stacking the transformed inputs would cost XLA a concatenate as large as them.
+    # (Merging the batch axis into the rows keeps a batch sharding: it is the major axis.)
     prods = [jnp.dot(vi, ui).reshape(n, th, tw, c_out) for vi, ui in zip(v, u)]
 
     # Output transform A^T M A, assembled into (n, th, m, tw, m, c_out) and untiled.
@@ -162,7 +164,25 @@ def conv(x: jnp.ndarray, kernel: jnp.ndarray, padding: int, tile: int = 2) -> jn
         for p in range(m)
     ]
     y = jnp.stack([jnp.stack(out[p], axis=3) for p in range(m)], axis=2)
-    return y.reshape(n, th * m, tw * m, c_out)[:, :out_h, :out_w]
+    return _untile(y)[:, :out_h, :out_w]
+
+
+def _untile(y: jax.Array) -> jax.Array:
+    """(n, th, m, tw, m, c) -> (n, th*m, tw*m, c), keeping a batch or channel axis sharded.
+
+    Under a mesh with explicit axes JAX asks what sharding such a reshape gives; the tile
+    axes must not be sharded (nothing here shards them: they are made inside the layer).
+    """
+    n, th, m, tw, _, c = y.shape
+    spec = tuple(jax.typeof(y).sharding.spec)
+    spec += (None,) * (y.ndim - len(spec))
+    if any(spec[1:5]):
+        raise ValueError(
+            f"Winograd convolution needs unsharded spatial axes, got the tile sharding {spec}; "
+            "use conv_algorithm='xla' when sharding images along height or width"
+        )
+    out_sharding = P(spec[0], None, None, spec[5]) if spec[0] or spec[5] else None
+    return lax.reshape(y, (n, th * m, tw * m, c), out_sharding=out_sharding)
 
 
 def use_winograd(dtype) -> bool:

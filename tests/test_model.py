@@ -121,3 +121,63 @@ def test_max_pool_forward_mode_is_the_transpose_of_its_gradient():
     g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
     (vjp_out,) = jax.vjp(max_pool, x)[1](g)
     np.testing.assert_allclose(float(jnp.vdot(jvp_out, g)), float(jnp.vdot(t, vjp_out)), rtol=1e-5)
+
+
+def test_default_is_xla_convolution():
+    assert AlexNet().conv_algorithm == "xla"
+
+
+def test_fields_are_documented_where_help_shows_them():
+    doc = AlexNet.__doc__
+    for field in ("num_classes", "dropout_rate", "dtype", "param_dtype", "conv_algorithm"):
+        assert f"{field}:" in doc, field
+
+
+def test_head_of_another_size_is_a_clear_error(flax_variables):
+    with pytest.raises(ValueError, match=r"10-class head .* AlexNet\(num_classes=1000\)"):
+        AlexNet().apply(flax_variables(0, 10), jnp.zeros((1, 63, 63, 3)))
+
+
+def test_replace_head_keeps_the_body_and_fits_the_new_size(variables):
+    from alexnet_jax import replace_head
+
+    new = replace_head(variables, 7, seed=1)
+    assert new["params"]["classifier_6"]["kernel"].shape == (4096, 7)
+    assert not np.any(np.asarray(new["params"]["classifier_6"]["bias"]))
+    for name in ("features_0", "classifier_4"):
+        assert new["params"][name] is variables["params"][name]
+    assert AlexNet(num_classes=7).apply(new, jnp.zeros((1, 63, 63, 3))).shape == (1, 7)
+    with pytest.raises(ValueError, match="at least 1"):
+        replace_head(variables, 0)
+
+
+@pytest.mark.parametrize("size", [224, 64])
+def test_trunk_features_equal_the_sown_activations(variables, size):
+    from alexnet_jax import trunk_features
+
+    x = jax.random.normal(jax.random.key(4), (2, size, size + 8, 3))
+    _, state = AlexNet().apply(variables, x, mutable=["intermediates"])
+    got = jax.jit(trunk_features)(variables, x)
+    assert list(got) == ["relu1", "relu2", "relu3", "relu4", "relu5"]
+    for name, value in got.items():
+        np.testing.assert_array_equal(value, state["intermediates"][name][0])
+
+
+def test_trunk_features_choice_of_layers_depth_and_grad(variables):
+    from alexnet_jax import trunk_features
+    from alexnet_jax.model import trunk_min_size
+
+    conv_only = {"params": {k: v for k, v in variables["params"].items() if k.startswith("features_")}}
+    x = jax.random.normal(jax.random.key(5), (1, 31, 40, 3))
+    got = trunk_features(conv_only, x, ("relu5", "relu2"))  # below the classifier's 63, with no classifier
+    assert list(got) == ["relu5", "relu2"] and got["relu5"].shape == (1, 1, 1, 256)
+    # Stops at the deepest layer asked for: relu2 needs only 15 pixels.
+    assert trunk_features(conv_only, x[:, :15, :15], ["relu1", "relu2"])["relu2"].shape == (1, 1, 1, 192)
+    assert [trunk_min_size(n) for n in range(1, 6)] == [7, 15, 31, 31, 31]
+    with pytest.raises(ValueError, match="relu5 needs inputs of at least 31x31"):
+        trunk_features(conv_only, x[:, :30])
+    with pytest.raises(ValueError, match="unknown trunk layer 'fc7'"):
+        trunk_features(conv_only, x, ["fc7"])
+    # A pure function of the input: differentiable, as a perceptual loss needs.
+    g = jax.grad(lambda x: trunk_features(conv_only, x, ["relu3"])["relu3"].sum())(x)
+    assert g.shape == x.shape and float(jnp.abs(g).sum()) > 0
