@@ -1,14 +1,16 @@
 """Keep freed host memory for reuse, so that XLA's CPU programs stop re-faulting their scratch.
 
-XLA:CPU gives every call of a compiled program one scratch ("temp") buffer and frees it
-when the call ends: 208 MB for AlexNet's forward at batch 32 with the Winograd layers.
-glibc serves a block that large with a fresh `mmap` and hands it back with `munmap`, so
-every call page-faults and zeroes its scratch anew. Measured on 2 cores at batch 32: ~51,000
-page faults and ~110 ms of kernel time per forward (~255 ms of wall time; ~205 ms without
-the faults), ~133,000 faults per training step (~820 ms; ~700 ms without). torch.compile's
-programs keep their buffers and take ~2,400 faults per forward.
+An explicit, process-wide choice: `import alexnet_jax` never makes it. The project's entry
+scripts (examples/, convert/, benchmarks/) call `keep_freed_memory()` first thing; a
+library user who wants it calls it at the top of their own script, or sets the same
+three settings from outside the process:
 
-Three `mallopt` settings make glibc keep the memory for the next call instead:
+    GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647
+
+Why: XLA:CPU gives every call of a compiled program one scratch ("temp") buffer and frees
+it when the call ends. glibc serves a block that large with a fresh `mmap` and hands it
+back with `munmap`, so every call page-faults and zeroes its scratch anew (the README's
+Performance section has the measurements). Three `mallopt` settings make glibc keep it:
 
 - M_ARENA_MAX = 1: XLA's worker threads allocate from the main arena. A thread's own
   arena is made of 64 MiB heaps, and glibc maps anything larger afresh whatever the
@@ -16,17 +18,14 @@ Three `mallopt` settings make glibc keep the memory for the next call instead:
 - M_MMAP_MAX = 0: the main arena grows its heap (`brk`) instead of mapping large blocks.
 - M_TRIM_THRESHOLD = 2 GiB - 1: freed memory at the top of the heap is not handed back.
 
-What that costs: the process keeps its peak host memory until it exits, as a caching
-allocator does, and all threads share one arena (glibc's per-thread caches still serve
-small blocks without its lock). A thread keeps the arena it first allocated from, so the
-settings must come before JAX starts its backend: `import alexnet_jax` applies them first
-thing, and warns if JAX's CPU backend was already running. Glibc on Linux only; other
-C libraries are left as they are. Set ALEXNET_JAX_KEEP_HOST_MEMORY=0 to opt out.
-
-Limits: mallopt takes an int, so scratch of 2 GiB or more at the top of the heap is still
-handed back and faulted again (AlexNet's training step at batch 32 needs ~0.5 GB). Threads
-that other libraries started before the import may hold arenas of their own, which XLA's
-threads can then share; and with jemalloc or tcmalloc preloaded the settings do nothing.
+What that costs, and why it is not a library's default: the whole process keeps its peak
+host memory until it exits (numpy arrays and everything else, not only XLA's), and all
+threads share one arena. A thread keeps the arena it first allocated from, so the call
+must come before JAX starts its backend; a later call warns. Glibc on Linux only; other C
+libraries are left as they are, and so is a process that sets ALEXNET_JAX_KEEP_HOST_MEMORY=0
+(the entry scripts' opt-out). mallopt takes an int, so scratch of 2 GiB or more is still
+handed back; threads that other libraries started earlier may hold arenas of their own;
+with jemalloc or tcmalloc preloaded the settings do nothing.
 """
 
 from __future__ import annotations
@@ -38,19 +37,22 @@ import warnings
 
 ENV = "ALEXNET_JAX_KEEP_HOST_MEMORY"
 
-# (name, parameter number from glibc's <malloc.h>, value)
-SETTINGS: tuple[tuple[str, int, int], ...] = (
-    ("M_ARENA_MAX", -8, 1),
-    ("M_MMAP_MAX", -4, 0),
-    ("M_TRIM_THRESHOLD", -1, 2**31 - 1),  # mallopt takes an int
+# (mallopt name, parameter number from glibc's <malloc.h>, value, the same setting as a glibc tunable)
+SETTINGS: tuple[tuple[str, int, int, str], ...] = (
+    ("M_ARENA_MAX", -8, 1, "glibc.malloc.arena_max"),
+    ("M_MMAP_MAX", -4, 0, "glibc.malloc.mmap_max"),
+    ("M_TRIM_THRESHOLD", -1, 2**31 - 1, "glibc.malloc.trim_threshold"),  # mallopt takes an int
 )
+# The value of GLIBC_TUNABLES that makes the same settings from outside the process.
+TUNABLES = ":".join(f"{tunable}={value}" for _, _, value, tunable in SETTINGS)
 
 
 def keep_freed_memory() -> str:
-    """Apply SETTINGS to glibc's malloc; returns "applied" or why not (for logs and benchmarks).
+    """Apply SETTINGS to glibc's malloc for the whole process; call it before JAX starts its backend.
 
-    Idempotent. Warns (RuntimeWarning) when applied after JAX's CPU backend had started,
-    because XLA's threads then keep the arenas they already have.
+    **Returns:** "applied", or why not (for logs and benchmarks). Idempotent. Warns
+    (RuntimeWarning) when applied after JAX's CPU backend had started, because XLA's
+    threads then keep the arenas they already have.
     """
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return f"off ({ENV}={os.environ[ENV]})"
@@ -61,14 +63,14 @@ def keep_freed_memory() -> str:
         libc.gnu_get_libc_version  # noqa: B018 - only glibc has it
     except (OSError, AttributeError):
         return "not applied: the C library is not glibc"
-    refused = [name for name, param, value in SETTINGS if libc.mallopt(param, value) != 1]
+    refused = [name for name, param, value, _ in SETTINGS if libc.mallopt(param, value) != 1]
     if refused:
         return f"not applied: mallopt refused {', '.join(refused)}"
     if _jax_cpu_backend_started():
         warnings.warn(
-            "alexnet_jax was imported after JAX started its CPU backend, so XLA's threads keep "
+            "keep_freed_memory() came after JAX started its CPU backend, so XLA's threads keep "
             "glibc's default arenas and CPU programs may re-fault their scratch memory on every call "
-            "(AlexNet ~20% slower); import alexnet_jax before running JAX code",
+            "(AlexNet ~20% slower); call it before running JAX code",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -9,7 +9,7 @@ not fsynced: after a power loss the rename itself may be lost, leaving the old f
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,30 +22,30 @@ from .convert import ConversionError, check_variables
 _SEP = "/"  # safetensors keys: "params/features_0/kernel"
 
 
-def _read_umask() -> int:
-    # os.umask can only be read by setting it; do that once, at import, not around each write.
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _read_umask()
+def _create_temporary(folder: Path, name: str) -> tuple[int, Path]:
+    # Not tempfile.mkstemp: it makes the file 0600, and reading the umask to undo that means
+    # setting it, process-wide. Created with mode 0666, the file gets what the umask allows,
+    # as a plain open() would.
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that `path` is either untouched or complete."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
-            # mkstemp makes the file 0600; give it the mode a plain open() would.
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -619,14 +619,16 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def plot_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
     """Loss (train and val) and val top-1/top-5 per epoch from metrics.jsonl, as a two-panel PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
+    # A Figure with the Agg canvas, not pyplot: no global backend is chosen or changed
+    # (training machines have no display, and the caller may use another backend).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows = read_metrics(metrics_path) if Path(metrics_path).is_file() else []
     epochs = [r["epoch"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
     left.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
     left.plot(epochs, [r["val_loss"] for r in rows], "o-", label="val")
     left.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
@@ -638,5 +640,4 @@ def plot_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
     return Path(png_path)

@@ -7,9 +7,11 @@ always: a pickle that tries to run code is refused, never executed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-import socket
+import secrets
+import urllib.request
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -91,36 +93,61 @@ def hash_prefix(url_or_name: str) -> str | None:
 def fetch_state_dict(url: str = IMAGENET1K_V1.url, *, progress: bool = True) -> tuple[dict[str, Any], Path]:
     """Download (or take from torch hub's cache) a state_dict, checking its hash prefix.
 
+    The file lands where `torch.hub.load_state_dict_from_url` keeps it
+    ($TORCH_HOME/hub/checkpoints/<name>) under torch hub's rule: the sha256 of the file
+    must start with the hex part of its name. The download is ours rather than torch
+    hub's only for its timeout: torch hub's urlopen has none, and setting one means
+    changing the socket default for the whole process.
     **Returns:** (state_dict, path of the cached file).
     **Raises:** WeightsError with one line saying why and what to do instead.
     """
-    torch = _require_torch()
-    cached = hub_checkpoint_dir() / url_file_name(url)
-    if hash_prefix(url) is None:
+    _require_torch()
+    expected = hash_prefix(url)
+    if expected is None:
         raise WeightsError(f"{url}: the file name carries no sha256 prefix (name-<hash>.pth), so it cannot be checked")
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # torch hub's urlopen has no timeout of its own
+    cached = hub_checkpoint_dir() / url_file_name(url)
+    if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _download(url, cached, expected, progress)
     try:
-        state_dict = torch.hub.load_state_dict_from_url(
-            url, progress=progress, check_hash=True, map_location="cpu", weights_only=True
-        )
-    except (OSError, ValueError) as e:  # URLError is an OSError
-        if cached.exists():
-            raise WeightsError(f"could not read the cached {cached}: {e}") from e
-        reason = getattr(e, "reason", e)
+        return dict(load_checkpoint(cached)), cached
+    except WeightsError as e:
+        raise WeightsError(f"could not read the cached {e}") from e
+
+
+def _download(url: str, dst: Path, expected_prefix: str, progress: bool) -> None:
+    """`url` to `dst` through a temporary file beside it, kept only when its sha256 starts with `expected_prefix`."""
+    from tqdm import tqdm
+
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.partial")
+    digest = hashlib.sha256()
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "torch.hub"})
+        with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S) as response, tmp.open("wb") as f:
+            size = response.headers.get("Content-Length")
+            with tqdm(total=int(size) if size else None, disable=not progress, unit="B", unit_scale=True,
+                      unit_divisor=1024, desc=dst.name) as bar:
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+    except (OSError, ValueError) as e:  # URLError and socket timeouts are OSErrors; ValueError: a bad URL
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or e
         raise WeightsError(
             f"could not download {url} ({reason}). Without network, fetch that file on another machine "
-            f"and pass --checkpoint PATH, or put it in {cached.parent}/"
+            f"and pass --checkpoint PATH, or put it in {dst.parent}/"
         ) from e
-    except RuntimeError as e:
-        if "invalid hash value" in str(e):
-            raise WeightsError(f"{url}: downloaded file failed its sha256 check and was discarded ({e})") from e
-        raise WeightsError(f"could not read {cached}: {first_line(e)}") from e
-    except Exception as e:  # noqa: BLE001 - an unpickling error from a bad cached file, say
-        raise WeightsError(f"could not read {cached}: {first_line(e)}") from e
-    finally:
-        socket.setdefaulttimeout(old_timeout)
-    return state_dict, cached
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if not digest.hexdigest().startswith(expected_prefix):
+        tmp.unlink()
+        raise WeightsError(
+            f"{url}: downloaded file failed its sha256 check and was discarded "
+            f"(sha256 {digest.hexdigest()[:len(expected_prefix)]}..., expected {expected_prefix}...)"
+        )
+    os.replace(tmp, dst)
 
 
 def first_line(e: BaseException) -> str:

@@ -60,6 +60,8 @@ TRAIN_FORWARDS = 3
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
+    from alexnet_jax.model import CONV_ALGORITHMS, MIN_SIZE
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
     p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median reported)")
@@ -70,6 +72,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "(its CPU launch work included), more times throughput with launches overlapping the device's work",
     )
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument(
+        "--conv-algorithm", choices=CONV_ALGORITHMS, default="auto",
+        help="AlexNet's conv_algorithm for the JAX side; auto takes Winograd on a CPU in float32, where it pays "
+        "(default %(default)s)",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (it needs a C++ compiler, and minutes)")
     p.add_argument("--bf16", action="store_true", help="time the bf16 training step on CPU too (always on a GPU)")
     p.add_argument("--peak-tflops", type=float, help="the device's peak dense bf16 TFLOP/s for MFU (default: from the table by device name)")
@@ -79,8 +86,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--repeats, --steps-per-call and --batch-sizes must be at least 1, --warmup at least 0")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         p.error("--peak-tflops must be positive")
-    from alexnet_jax.model import MIN_SIZE
-
     if args.image_size < MIN_SIZE:
         p.error(f"--image-size must be at least {MIN_SIZE} (AlexNet's smallest input)")
     return args
@@ -180,7 +185,7 @@ def _torch_runners(model_cls, state_dict, batch: int, size: int, compiled: bool,
     return infer, train
 
 
-def _jax_setup(variables, batch: int, size: int, dtype=None):
+def _jax_setup(variables, batch: int, size: int, conv_algorithm: str, dtype=None):
     """(model, params, batch dict) for alexnet_jax on JAX's default device, NHWC input.
 
     `dtype` is the model's computation dtype (float32 by default); parameters and
@@ -194,7 +199,8 @@ def _jax_setup(variables, batch: int, size: int, dtype=None):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, size, size, 3), np.float32))
     data = {"image": x, "label": jnp.asarray(rng.integers(0, 1000, batch), jnp.int32), "mask": jnp.ones((batch,), jnp.float32)}
-    return AlexNet(dtype=dtype or jnp.float32), jax.device_put(variables["params"]), data
+    model = AlexNet(dtype=dtype or jnp.float32, conv_algorithm=conv_algorithm)
+    return model, jax.device_put(variables["params"]), data
 
 
 def _jax_infer(model, params, data):
@@ -267,10 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     # torch shares the GPU with JAX in this process: JAX must not take 75% of it up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    # alexnet_jax first, as a user's script would import it: it sets glibc to keep freed
-    # memory (alexnet_jax/host_memory.py), which must happen before JAX or torch start
-    # threads. Both frameworks then run under the same allocator settings.
-    import alexnet_jax
+    # Before JAX or torch start threads: glibc keeps freed host memory for the whole
+    # process (alexnet_jax/host_memory.py), so both frameworks run under the same settings.
+    from alexnet_jax import keep_freed_memory
+
+    host_memory = keep_freed_memory()
 
     import jax
     import jax.numpy as jnp
@@ -315,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
             "torch_cuda": torch.version.cuda,
             "torch_threads": torch.get_num_threads(),
             "torch_reference": reference,
-            "host_memory": alexnet_jax.HOST_MEMORY,
+            "host_memory": host_memory,
         },
         "settings": {
-            "image_size": args.image_size, "repeats": args.repeats, "warmup": args.warmup,
+            "image_size": args.image_size, "conv_algorithm": args.conv_algorithm, "repeats": args.repeats, "warmup": args.warmup,
             "steps_per_call": args.steps_per_call, "dtype": "float32",
             "bf16": bf16, "torch_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "torch_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "torch_cudnn_benchmark": torch.backends.cudnn.benchmark,
@@ -339,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             torch._dynamo.reset()
         print(f"batch {batch}: compiling ...", file=sys.stderr, flush=True)
         with float32_precision():
-            setup = _jax_setup(variables, batch, args.image_size)
+            setup = _jax_setup(variables, batch, args.image_size, args.conv_algorithm)
             (infer, infer_s), (train, train_s) = _jax_infer(*setup), _jax_train(*setup)
         infers, trains = {"jax": infer}, {"jax": train}
         for mode in modes:
@@ -349,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"batch": batch, "jax_compile_s": infer_s + train_s}
         timed = [("infer", infers), ("train", trains)]
         if bf16:
-            train_bf16, row["jax_bf16_compile_s"] = _jax_train(*_jax_setup(variables, batch, args.image_size, jnp.bfloat16))
+            train_bf16, row["jax_bf16_compile_s"] = _jax_train(*_jax_setup(variables, batch, args.image_size, args.conv_algorithm, jnp.bfloat16))
             trains_bf16 = {"jax": train_bf16}
             for mode in modes:
                 _, trains_bf16[f"torch_{mode}"] = _torch_runners(

@@ -105,4 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # An entry script may make process-wide choices; the library never does. Before JAX
+    # starts its backend: glibc keeps the memory XLA's CPU programs free (host_memory.py).
+    from alexnet_jax import keep_freed_memory
+
+    keep_freed_memory()
     sys.exit(main())

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from alexnet_jax import load_variables, torch_to_flax
+from alexnet_jax import keep_freed_memory, load_variables, torch_to_flax
 from alexnet_jax.classify import ImageReadError, find_images, load_image
 from alexnet_jax.predict import dtype_agreement
 from alexnet_jax.verify import sample_images
@@ -58,4 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # An entry script may make process-wide choices; the library never does. Before JAX
+    # starts its backend: glibc keeps the memory XLA's CPU programs free (host_memory.py).
+    keep_freed_memory()
     sys.exit(main())

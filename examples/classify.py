@@ -19,7 +19,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from alexnet_jax import load_variables
+from alexnet_jax import keep_freed_memory, load_variables
 from alexnet_jax.classify import check_output_path, classify_files, find_images, format_result, summarize, write_results
 from alexnet_jax.predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K
 
@@ -78,4 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # An entry script may make process-wide choices; the library never does. Before JAX
+    # starts its backend: glibc keeps the memory XLA's CPU programs free (host_memory.py).
+    keep_freed_memory()
     sys.exit(main())

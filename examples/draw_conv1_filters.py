@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from alexnet_jax import load_variables
+from alexnet_jax import keep_freed_memory, load_variables
 from alexnet_jax.visualize import save_conv1_filters
 
 
@@ -30,4 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # An entry script may make process-wide choices; the library never does. Before JAX
+    # starts its backend: glibc keeps the memory XLA's CPU programs free (host_memory.py).
+    keep_freed_memory()
     sys.exit(main())

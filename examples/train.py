@@ -25,6 +25,7 @@ import os
 import sys
 
 try:
+    from alexnet_jax import keep_freed_memory
     from alexnet_jax.checkpoint import CheckpointError
     from alexnet_jax.data import DataError
     from alexnet_jax.model import CONV_ALGORITHMS, MIN_SIZE
@@ -134,4 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # An entry script may make process-wide choices; the library never does. Before JAX
+    # starts its backend: glibc keeps the memory XLA's CPU programs free (host_memory.py).
+    keep_freed_memory()
     sys.exit(main())
