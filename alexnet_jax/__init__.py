@@ -10,6 +10,7 @@ from .convert import ConversionError, check_variables, flax_to_torch, torch_to_f
 from .io import load_variables, save_variables
 from .labels import IMAGENET_CLASSES
 from .model import AlexNet, replace_head, trunk_features
+from .pretrained import load_model
 from .predict import Prediction, features, predict, predict_logits
 from .preprocess import CROP_SIZE, MEAN_RGB, RESIZE_SIZE, STDDEV_RGB, preprocess, preprocess_batch
 from .weights import IMAGENET1K_V1
@@ -30,6 +31,7 @@ __all__ = [
     "check_variables",
     "features",
     "flax_to_torch",
+    "load_model",
     "load_variables",
     "predict",
     "predict_logits",

@@ -408,7 +408,7 @@ def _initial_params(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
 
     if config.init_from is None:
         return init_params(model, seed=config.seed)
-    params = load_variables(config.init_from)["params"]
+    params = load_variables(config.init_from, device=False)["params"]
     if params["classifier_6"]["kernel"].shape[1] != config.num_classes:
         # Fine-tuning: keep the body, draw a new head for this data set's classes.
         params = replace_head(params, config.num_classes, seed=config.seed)

@@ -74,3 +74,44 @@ def test_written_file_follows_the_umask(tmp_path, flax_variables):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_loaded_variables_are_on_the_device_unless_asked(tmp_path, flax_variables):
+    path = save_variables(tmp_path / "w.msgpack", flax_variables())
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(load_variables(path)))
+    assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(load_variables(path, device=False)))
+
+
+def test_load_model_from_every_kind_of_source(tmp_path, torchvision_state_dict, monkeypatch):
+    import hashlib
+
+    import jax.numpy as jnp
+    import torch
+    from safetensors.torch import save_file
+
+    from alexnet_jax import load_model, torch_to_flax
+    from alexnet_jax.weights import WeightsRecord
+
+    state_dict = torchvision_state_dict(0, 10)
+    want = torch_to_flax(state_dict)
+    pth = tmp_path / "ddp.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state_dict.items()}}, pth)
+    torch_safetensors = tmp_path / "torch.safetensors"
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, torch_safetensors)
+    ours = save_variables(tmp_path / "ours.safetensors", want)
+    digest = hashlib.sha256(pth.read_bytes()).hexdigest()[:8]
+    mirror = tmp_path / f"alexnet-test-{digest}.pth"
+    mirror.write_bytes(pth.read_bytes())
+    record = WeightsRecord("TEST", mirror.as_uri(), digest, 0, 63, 0.0, 0.0, num_classes=10)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    x = jnp.zeros((1, 63, 63, 3))
+    for source in (pth, torch_safetensors, ours, save_variables(tmp_path / "w.msgpack", want), str(pth), record):
+        model, variables = load_model(source, progress=False)
+        assert model.num_classes == 10, source
+        assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(variables))
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), want)
+        assert model.apply(variables, x).shape == (1, 10)
+    model, _ = load_model(ours, dtype=jnp.bfloat16, conv_algorithm="winograd", dropout_rate=0.1)
+    assert (model.dtype, model.conv_algorithm, model.dropout_rate) == (jnp.bfloat16, "winograd", 0.1)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_model(tmp_path / "missing.msgpack")
