@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-if TYPE_CHECKING:  # train.py drives checkpoints, so a run-time import would be circular
-    from .train import TrainState
+from .steps import TrainState
 
 BEST_METRIC = "val_top1"
 

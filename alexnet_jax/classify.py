@@ -18,26 +18,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .images import IMAGE_SUFFIXES, ImageReadError, Walk, load_image, walk_images  # noqa: F401 - IMAGE_SUFFIXES: TEMP re-export
 from .io import atomic_write_bytes
 from .predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, Prediction, predict
 from .preprocess import preprocess
 
 RESULT_FORMATS = (".csv", ".json")
-
-
-def _image_suffixes() -> frozenset[str]:
-    Image.init()  # registers every plugin, so the table is complete
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
-# Suffixes Pillow can open (.jpg, .png, .webp, .tif, ...): what a folder walk picks up.
-IMAGE_SUFFIXES = _image_suffixes()
-
-
-class ImageReadError(ValueError):
-    """An image file that cannot be used; the message is one line, without the path."""
 
 
 @dataclass(frozen=True)
@@ -49,54 +36,23 @@ class FileResult:
     error: str | None = None
 
 
-def load_image(path: str | os.PathLike, *, exif: bool = False) -> Image.Image:
-    """Read and decode one image file completely (so truncation shows here, not later).
+def find_images(paths: Iterable[str | os.PathLike]) -> Walk:
+    """The files to classify, in order: each file given as is, each folder walked by `walk_images`.
 
-    `exif=True` applies the EXIF orientation (`ImageOps.exif_transpose`); the
-    default ignores it, as torchvision's loaders do.
-    **Raises:** ImageReadError with a one-line reason: no such file, not an image,
-    truncated or corrupt, over Pillow's decompression-bomb limit.
+    A path that does not exist is kept, so that it is reported as "no such file".
+    **Returns:** a `Walk`: files to classify, files skipped in folders for their suffix,
+    and one line per folder that could not be listed or link loop not followed.
     """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return ImageOps.exif_transpose(image) if exif else image
-    except FileNotFoundError:
-        raise ImageReadError("no such file") from None
-    except IsADirectoryError:
-        raise ImageReadError("is a folder, not an image file") from None
-    except PermissionError:
-        raise ImageReadError("permission denied") from None
-    except UnidentifiedImageError:
-        raise ImageReadError("not an image (Pillow cannot identify the file)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(f"refused as a possible decompression bomb: {e}") from None
-    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise OSError, SyntaxError, ValueError, ... on bad bytes
-        raise ImageReadError(f"truncated or corrupt image ({type(e).__name__}: {e})") from None
-
-
-def find_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
-    """The files to classify, in order: each file given as is, each folder walked (sorted, recursively).
-
-    In folders only files with an image suffix (`IMAGE_SUFFIXES`) are taken, and
-    hidden files and folders are left out. A path that does not exist is kept, so
-    that it is reported as "no such file".
-    **Returns:** (files to classify, files skipped in folders for their suffix).
-    """
-    found: list[Path] = []
-    skipped: list[Path] = []
+    walk = Walk()
     for path in map(Path, paths):
         if not path.is_dir():
-            found.append(path)
+            walk.images.append(path)
             continue
-        for root, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
-                if name.startswith("."):
-                    continue
-                file = Path(root) / name
-                (found if file.suffix.lower() in IMAGE_SUFFIXES else skipped).append(file)
-    return found, skipped
+        found = walk_images(path)
+        walk.images += found.images
+        walk.other_files += found.other_files
+        walk.problems += found.problems
+    return walk
 
 
 def _read(path: Path, exif: bool) -> np.ndarray:

@@ -29,7 +29,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from .classify import IMAGE_SUFFIXES, ImageReadError, load_image
+from .images import ImageReadError, load_image, walk_images
 from .model import MIN_SIZE
 from .preprocess import CROP_SIZE, RESIZE_SIZE, normalize, preprocess, to_model_mode
 
@@ -92,13 +92,10 @@ def image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) 
 
 
 def _image_files(folder: Path) -> list[str]:
-    files = []
-    for dirpath, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files.extend(
-            str(Path(dirpath) / f) for f in sorted(names) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES
-        )
-    return files
+    walk = walk_images(folder)
+    for problem in walk.problems:  # a training set that silently lost a folder would mislead
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
+    return [str(path) for path in walk.images]
 
 
 def eval_resize_size(image_size: int) -> int:
@@ -109,7 +106,7 @@ def eval_resize_size(image_size: int) -> int:
 def check_image_size(image_size: int) -> None:
     """**Raises:** DataError when AlexNet cannot take `image_size` x `image_size` inputs."""
     if image_size < MIN_SIZE:
-        raise DataError(f"image size {image_size} is below AlexNet's minimum of {MIN_SIZE}")
+        raise DataError(f"image-size must be at least {MIN_SIZE} (AlexNet's smallest input), got {image_size}")
 
 
 def eval_transform(image: Image.Image, image_size: int = CROP_SIZE) -> np.ndarray:

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .train import TrainState, apply_step
+from .steps import TrainState, apply_step, train_step
 from .weights import first_line
 
 MODES = ("none", "pmap", "sharded")
@@ -166,7 +166,6 @@ class Parallel:
     """Where the state and batches live and which compiled step runs; see `make_parallel`."""
 
     mode: str
-    micro_steps: int
     mesh: Mesh | None
     step: Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, jax.Array]]]
 
@@ -197,6 +196,12 @@ class Parallel:
         return batch if self.mesh is None else _place(batch, NamedSharding(self.mesh, P(self.axis)))
 
 
+def check_parallel_mode(mode: str) -> None:
+    """**Raises:** ValueError unless `mode` is one of MODES."""
+    if mode not in MODES:
+        raise ValueError(f"unknown parallel mode {mode!r}; expected one of {', '.join(MODES)}")
+
+
 def make_parallel(mode: str, *, global_batch: int, micro_steps: int = 1) -> Parallel:
     """The training step for `mode` ("none", "pmap", "sharded") on every device this run sees.
 
@@ -205,21 +210,18 @@ def make_parallel(mode: str, *, global_batch: int, micro_steps: int = 1) -> Para
     **Raises:** ValueError for an unknown mode, "pmap" across processes, or a
     global batch that does not split over devices x micro-batches.
     """
-    from .train import train_step
-
-    if mode not in MODES:
-        raise ValueError(f"unknown parallel mode {mode!r}; expected one of {', '.join(MODES)}")
+    check_parallel_mode(mode)
     if mode == "none":
         if jax.process_count() > 1:
             raise ValueError(f"parallel mode 'none' cannot span {jax.process_count()} processes; use 'sharded'")
         check_batch(global_batch, 1, micro_steps)
-        return Parallel(mode, micro_steps, None, functools.partial(train_step, micro_steps=micro_steps))
+        return Parallel(mode, None, functools.partial(train_step, micro_steps=micro_steps))
     if mode == "pmap":
         if jax.process_count() > 1:
             raise ValueError(f"parallel mode 'pmap' here runs in one process, not {jax.process_count()}; use 'sharded'")
         check_batch(global_batch, jax.local_device_count(), micro_steps)
         mesh = Mesh(np.asarray(jax.local_devices()), (PMAP_AXIS,))
-        return Parallel(mode, micro_steps, mesh, pmap_train_step(micro_steps))
+        return Parallel(mode, mesh, pmap_train_step(micro_steps))
     check_batch(global_batch, jax.device_count(), micro_steps)
     mesh = Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
-    return Parallel(mode, micro_steps, mesh, sharded_train_step(mesh, micro_steps))
+    return Parallel(mode, mesh, sharded_train_step(mesh, micro_steps))

@@ -14,7 +14,7 @@ cached per (num_classes, dtype), not per call.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from .convert import check_variables
 from .labels import class_names
 from .model import FEATURE_NAMES, AlexNet
 from .preprocess import preprocess_batch
-from .verify import top_k
+from .verify import ParityReport, compare_logits, top_k
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_TOP_K = 5
@@ -180,26 +180,31 @@ def features(
     variables: Mapping[str, Any],
     images: Images,
     *,
+    layers: Sequence[str] = FEATURE_NAMES,
     batch_size: int = DEFAULT_BATCH_SIZE,
     dtype: Any = jnp.float32,
 ) -> dict[str, np.ndarray]:
-    """The activations AlexNet sows, from the same parameters and model as the logits.
+    """Activations of AlexNet for images on the host, from the same parameters and model as the logits.
 
-    **Arguments:** as `predict_logits`.
-    **Returns:** float32 NHWC arrays by name; at 224x224 input:
+    For features inside `jit` or `grad` (a loss), use the pure `alexnet_jax.trunk_features`.
+    **Arguments:** as `predict_logits`; layers, some of `FEATURE_NAMES`.
+    **Returns:** float32 NHWC arrays by name, in the order of `layers`; at 224x224 input:
     relu1 (N, 55, 55, 64), relu2 (N, 27, 27, 192), relu3 (N, 13, 13, 384),
     relu4 (N, 13, 13, 256), relu5 (N, 13, 13, 256) -- the five conv ReLUs, before
     any max-pool, which LPIPS reads -- and fc7 (N, 4096), the ReLU after
     `classifier.4`, the usual image embedding.
     """
+    unknown = [name for name in layers if name not in FEATURE_NAMES]
+    if unknown or not layers:
+        raise ValueError(f"unknown feature layers {unknown or '(none asked for)'}; choose from {', '.join(FEATURE_NAMES)}")
     params, num_classes = _params_only(variables)
     x = _as_model_input(images)
     fn = _compiled_features(num_classes, jnp.dtype(dtype).name)
     if len(x) == 0:
         shapes = jax.eval_shape(fn, params, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
-        return {name: np.zeros((0, *shapes[name].shape[1:]), np.float32) for name in FEATURE_NAMES}
+        return {name: np.zeros((0, *shapes[name].shape[1:]), np.float32) for name in layers}
     out = _run_in_chunks(fn, params, x, batch_size)
-    return {name: out[name] for name in FEATURE_NAMES}  # jax.tree.map sorted the keys; keep the network's order
+    return {name: out[name] for name in layers}  # jax.tree.map sorted the keys; keep the order asked for
 
 
 @dataclass(frozen=True)
@@ -207,20 +212,16 @@ class DtypeAgreement:
     """How a lower-precision compute dtype agrees with float32 on the same images."""
 
     dtype: str
-    num_images: int
-    top1_agree: int
-    top5_same_set: int  # images whose top-5 classes are the same set
+    logits: ParityReport  # float32 as the reference
     max_abs_probability_diff: float
-    max_abs_logit_diff: float
-    max_abs_logit: float  # float32's, for scale
 
     def summary(self) -> str:
-        n = self.num_images
+        r, n = self.logits, self.logits.num_images
         return (
-            f"{self.dtype} vs float32 on {n} images: top-1 agree {self.top1_agree}/{n}, "
-            f"same top-5 set {self.top5_same_set}/{n}, largest |probability difference| "
-            f"{self.max_abs_probability_diff:.3g}, largest |logit difference| {self.max_abs_logit_diff:.3g} "
-            f"(largest |logit| {self.max_abs_logit:.3g})"
+            f"{self.dtype} vs float32 on {n} images: top-1 agree {r.top1_agree}/{n}, "
+            f"same top-5 set {r.top5_same_set}/{n}, largest |probability difference| "
+            f"{self.max_abs_probability_diff:.3g}, largest |logit difference| {r.max_abs_diff:.3g} "
+            f"(largest |logit| {r.max_abs_logit:.3g})"
         )
 
 
@@ -237,13 +238,8 @@ def dtype_agreement(
         raise ValueError("dtype_agreement needs at least one image")
     reference = predict_logits(variables, x, batch_size=batch_size)
     ours = predict_logits(variables, x, batch_size=batch_size, dtype=dtype)
-    k = min(DEFAULT_TOP_K, reference.shape[-1])
     return DtypeAgreement(
         dtype=jnp.dtype(dtype).name,
-        num_images=len(x),
-        top1_agree=int((reference.argmax(-1) == ours.argmax(-1)).sum()),
-        top5_same_set=int(sum(set(a) == set(b) for a, b in zip(top_k(reference, k), top_k(ours, k)))),
+        logits=compare_logits(reference, ours, reference_name="float32"),
         max_abs_probability_diff=float(np.abs(softmax(reference) - softmax(ours)).max()),
-        max_abs_logit_diff=float(np.abs(reference - ours).max()),
-        max_abs_logit=float(np.abs(reference).max()),
     )

@@ -1,137 +1,54 @@
-"""Training pieces: the train state, torch-style SGD, learning-rate recipes, jitted steps.
+"""The training loop and its config: data, steps, evaluation, checkpoints, metrics, curves.
 
-    state = create_train_state(AlexNet(num_classes=10), params, make_optimizer(0.01), seed=0)
-    state, metrics = train_step(state, batch)       # jitted, `state` donated
-    sums = eval_step(state, batch)                  # loss / top-1 / top-5 sums
+    last = train_and_evaluate(TrainConfig(data="train/", val_data="val/", epochs=10), "runs/a")
 
-A batch is a dict of numpy or jax arrays: `image` float32 (N, H, W, 3) normalized as
-`alexnet_jax.preprocess` does, `label` int32 (N,), `mask` float32 (N,) with 0 for
-padding and for images that could not be read (they count for nothing).
-`train_and_evaluate` drives them: data, evaluation, checkpoints, metrics, curves.
+Needs the `train` extra (Orbax, Grain, matplotlib). The pure steps it runs are in
+`alexnet_jax.steps`, their placement on devices in `alexnet_jax.parallel`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import traverse_util
-from flax.training import train_state
+from tqdm import tqdm
 
-from .io import atomic_write_bytes
-from .model import check_conv_algorithm, replace_head
+from .checkpoint import Checkpoints
+from .data import check_image_size, eval_batches, image_folder, steps_per_epoch, train_batches
+from .io import atomic_write_bytes, load_variables, save_variables
+from .model import AlexNet, check_conv_algorithm, replace_head
+from .parallel import check_parallel_mode, make_parallel
+from .steps import (
+    BASE_BATCH_SIZE,
+    EPOCHS,
+    LR_STEP_EPOCHS,
+    WEIGHT_DECAY,
+    TrainState,
+    create_train_state,
+    current_learning_rate,
+    eval_step,
+    init_params,
+    make_optimizer,
+    scaled_lr,
+    set_learning_rate,
+    step_schedule,
+    summarize_eval,
+)
 
-# torchvision's reference recipe (references/classification, AlexNet row): SGD, momentum 0.9,
-# lr 0.01 for 256 images per step (8 GPUs x 32), x0.1 every 30 epochs, 90 epochs, wd 1e-4.
-MOMENTUM = 0.9
-BASE_LR = 0.01
-BASE_BATCH_SIZE = 256
-LR_STEP_EPOCHS = 30
-LR_GAMMA = 0.1
-EPOCHS = 90
-WEIGHT_DECAY = 1e-4
 # The 2012 paper (Krizhevsky et al., section 5): wd 5e-4, lr divided by 10 whenever the
 # validation error stopped improving at the current rate.
 PAPER_WEIGHT_DECAY = 5e-4
 PAPER_LR_FACTOR = 0.1
 
 RECIPES = ("torchvision", "paper")
-TOP_K = 5
-
-
-class TrainState(train_state.TrainState):
-    """flax's TrainState (step, params, opt_state, apply_fn, tx) plus the run's root key.
-
-    `rng` is a raw uint32 key of shape (2,); the dropout key of step t is
-    `fold_in(rng, t)`, so it depends on nothing but the seed and the step.
-    """
-
-    rng: jax.Array
-
-
-def scaled_lr(batch_size: int, base_lr: float = BASE_LR, base_batch_size: int = BASE_BATCH_SIZE) -> float:
-    """The linear scaling rule: `base_lr` is for `base_batch_size` images per step."""
-    return base_lr * batch_size / base_batch_size
-
-
-def step_schedule(
-    lr: float, steps_per_epoch: int, *, step_epochs: int = LR_STEP_EPOCHS, gamma: float = LR_GAMMA
-) -> optax.Schedule:
-    """torchvision's StepLR per epoch, as a function of the optimizer step: lr * gamma**(epoch // step_epochs)."""
-    return optax.exponential_decay(
-        lr, transition_steps=step_epochs * steps_per_epoch, decay_rate=gamma, staircase=True
-    )
-
-
-def sgd_torch(learning_rate: float | optax.Schedule, momentum: float = MOMENTUM, weight_decay: float = 0.0):
-    """`torch.optim.SGD(lr, momentum, weight_decay)` (no dampening, no Nesterov) in Optax.
-
-    torch adds `weight_decay * p` to the gradient *before* the momentum buffer
-    (coupled decay, unlike AdamW), and its first buffer is the gradient itself,
-    which is what optax's trace gives from a zero start.
-    """
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay),
-        optax.sgd(learning_rate, momentum=momentum if momentum else None),
-    )
-
-
-def _is_conv(path: tuple[str, ...]) -> bool:
-    return path[0].startswith("features_")
-
-
-def freeze_labels(params: Mapping[str, Any]) -> Any:
-    """'frozen' for every leaf of the conv layers (features_*), 'trained' for the classifier."""
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: "frozen" if _is_conv(k) else "trained" for k in flat})
-
-
-def make_optimizer(
-    learning_rate: float | optax.Schedule,
-    *,
-    momentum: float = MOMENTUM,
-    weight_decay: float = WEIGHT_DECAY,
-    freeze_features: bool = False,
-) -> optax.GradientTransformation:
-    """torch-style SGD whose current learning rate lives in the optimizer state.
-
-    The rate is an injected hyperparameter (`opt_state.hyperparams["learning_rate"]`),
-    so it is checkpointed with the state and the paper's plateau rule can change it
-    between epochs (`set_learning_rate`). `freeze_features` leaves the conv layers
-    untouched (no update, no decay) with `optax.multi_transform`.
-    """
-
-    def factory(learning_rate):
-        tx = sgd_torch(learning_rate, momentum, weight_decay)
-        if freeze_features:
-            tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, freeze_labels)
-        return tx
-
-    return optax.inject_hyperparams(factory)(learning_rate=learning_rate)
-
-
-def current_learning_rate(state: TrainState) -> float:
-    """The rate the last update used (for a schedule) or the next one will use (a constant)."""
-    return float(state.opt_state.hyperparams["learning_rate"])
-
-
-def set_learning_rate(state: TrainState, lr: float) -> TrainState:
-    """A state whose optimizer uses `lr` from now on (only meaningful for a constant rate)."""
-    hyperparams = dict(state.opt_state.hyperparams)
-    hyperparams["learning_rate"] = jnp.asarray(lr, hyperparams["learning_rate"].dtype)
-    return state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
 
 
 @dataclasses.dataclass
@@ -157,155 +74,6 @@ class Plateau:
             self.bad_evals = 0
             return True
         return False
-
-
-def create_train_state(
-    model: nn.Module, params: Mapping[str, Any], tx: optax.GradientTransformation, *, seed: int
-) -> TrainState:
-    """A step-0 state for `model` with `params` (the `"params"` collection) and optimizer `tx`."""
-    # A copy: train_step donates the state, which would delete the caller's own arrays.
-    params = jax.tree.map(lambda a: jnp.array(a, copy=True), dict(params))
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=jax.random.PRNGKey(seed))
-
-
-def init_params(model: nn.Module, *, seed: int, image_size: int = 63) -> dict[str, Any]:
-    """Freshly initialized `"params"` for `model` (the image size does not change their shapes)."""
-    init = jax.jit(model.init)
-    return init(jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3), model.param_dtype))["params"]
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array, count: jax.Array | None = None) -> jax.Array:
-    """Mean softmax cross-entropy over the examples with mask 1 (torch's CrossEntropyLoss when all are 1).
-
-    `count` replaces the number of examples with mask 1 as the divisor: a shard of a
-    global batch divides by the global count, so the shards' results add up to the
-    global mean (a mean of per-shard means would weigh a padded shard wrongly).
-    **Arguments:** logits (N, C), labels int (N,), mask float (N,), count a scalar.
-    **Returns:** a scalar.
-    """
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    if count is None:
-        count = jnp.maximum(jnp.sum(mask), 1.0)
-    return jnp.sum(losses * mask) / count
-
-
-def _correct(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Per example: label is the top-1 class; label is among the top min(5, C) classes.
-    _, top = jax.lax.top_k(logits, min(TOP_K, logits.shape[-1]))
-    return (top[:, 0] == labels).astype(jnp.float32), jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
-
-
-def dropout_key(rng: jax.Array, step: jax.Array, axis_name: str | None = None) -> jax.Array:
-    """The dropout key of `step`: `fold_in(rng, step)`, and under `pmap` also folded with the device's index
-    along `axis_name`, so no two devices draw the same masks.
-    """
-    key = jax.random.fold_in(rng, step)
-    if axis_name is not None:
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    return key
-
-
-def split_micro_batches(batch: Mapping[str, jax.Array], micro_steps: int) -> dict[str, jax.Array]:
-    """The batch as `micro_steps` micro-batches: example i goes to micro-batch i % micro_steps.
-
-    Strided rather than contiguous so that, with the batch sharded over devices in
-    contiguous blocks, every micro-batch keeps an equal part on every device.
-    **Arguments:** arrays of leading size N, a multiple of `micro_steps`.
-    **Returns:** arrays of shape (micro_steps, N // micro_steps, ...).
-    """
-    n = batch["label"].shape[0]
-    if n % micro_steps:
-        raise ValueError(f"a batch of {n} does not split into {micro_steps} micro-batches")
-    return {k: jnp.swapaxes(v.reshape((n // micro_steps, micro_steps) + v.shape[1:]), 0, 1) for k, v in batch.items()}
-
-
-def apply_step(
-    state: TrainState, batch: Mapping[str, jax.Array], *, axis_name: str | None = None, micro_steps: int = 1
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The math of one SGD step with dropout on, unjitted: `train_step`, `pmap` and the sharded jit all run it.
-
-    The loss is the masked mean over the global batch, sum(loss * mask) / sum(mask).
-    Under `pmap` (`axis_name` set) each device holds a shard: it divides its sum by
-    the psum of the counts and the psum of the results is the global mean, also
-    when the shards hold different numbers of padded examples. With `micro_steps`
-    > 1 the gradients of the micro-batches are summed in a `lax.scan`, with the
-    same divisor, so they equal the gradient of the whole batch.
-    **Arguments:** batch with image (N, H, W, 3), label (N,), mask (N,): the
-    global batch, or under `pmap` this device's shard.
-    **Returns:** (new state, {"loss", "top1", "lr"}) as scalars.
-    """
-    count = jnp.sum(batch["mask"].astype(jnp.float32))
-    if axis_name is not None:
-        count = jax.lax.psum(count, axis_name)
-    count = jnp.maximum(count, 1.0)
-    key = dropout_key(state.rng, state.step, axis_name)
-
-    def loss_fn(params, micro, key):
-        mask = micro["mask"].astype(jnp.float32)
-        logits = state.apply_fn({"params": params}, micro["image"], train=True, rngs={"dropout": key})
-        top1, _ = _correct(logits, micro["label"])
-        return cross_entropy(logits, micro["label"], mask, count), jnp.sum(top1 * mask)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if micro_steps == 1:
-        (loss, correct), grads = grad_fn(state.params, batch, key)
-    else:
-
-        def accumulate(total, xs):
-            i, micro = xs
-            (loss, correct), grads = grad_fn(state.params, micro, jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, total, (loss, correct, grads)), None
-
-        zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        micro = split_micro_batches(batch, micro_steps)
-        (loss, correct, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(micro_steps), micro))
-    if axis_name is not None:
-        loss, correct, grads = jax.lax.psum((loss, correct, grads), axis_name)
-    state = state.apply_gradients(grads=grads)
-    return state, {"loss": loss, "top1": correct / count, "lr": state.opt_state.hyperparams["learning_rate"]}
-
-
-@functools.partial(jax.jit, donate_argnums=0, static_argnames="micro_steps")
-def train_step(
-    state: TrainState, batch: Mapping[str, jax.Array], micro_steps: int = 1
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step on one device with dropout on. Pure: the dropout key is `fold_in(state.rng, state.step)`.
-
-    **Arguments:** state (donated: its buffers are reused, do not touch it after the
-    call); batch with image (N, H, W, 3), label (N,), mask (N,); `micro_steps`
-    micro-batches of N // micro_steps images accumulated into one update.
-    **Returns:** (new state, {"loss", "top1", "lr"}) as scalars; loss and top1 are
-    means over the examples with mask 1, lr the rate this step used.
-    """
-    return apply_step(state, batch, micro_steps=micro_steps)
-
-
-@jax.jit
-def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Loss and accuracy of one batch with dropout off, as sums so batches add up.
-
-    **Returns:** {"loss", "top1", "top5", "count"}: the summed cross-entropy, the
-    numbers of examples right at top-1 and top-5, and the number of examples with
-    mask 1. Divide by the total count (`summarize_eval`) for means.
-    """
-    mask = batch["mask"].astype(jnp.float32)
-    logits = state.apply_fn({"params": state.params}, batch["image"], train=False)
-    top1, top5 = _correct(logits, batch["label"])
-    return {
-        "loss": cross_entropy(logits, batch["label"], mask, count=1.0),  # the sum: divided by 1
-        "top1": jnp.sum(top1 * mask),
-        "top5": jnp.sum(top5 * mask),
-        "count": jnp.sum(mask),
-    }
-
-
-def summarize_eval(sums: list[Mapping[str, Any]]) -> dict[str, float]:
-    """Means over batches of `eval_step` results: {"loss", "top1", "top5", "count"} (top-k as fractions)."""
-    total = {k: float(np.sum([float(s[k]) for s in sums])) for k in ("loss", "top1", "top5", "count")}
-    n = total["count"]
-    if n == 0:
-        raise ValueError("no validation example could be read")
-    return {"loss": total["loss"] / n, "top1": total["top1"] / n, "top5": total["top5"] / n, "count": int(n)}
 
 
 def lr_for_recipe(recipe: str, lr: float, steps_per_epoch: int, *, step_epochs: int = LR_STEP_EPOCHS) -> float | Callable:
@@ -370,9 +138,31 @@ class TrainConfig:
     progress: bool = True
     parallel: str = "none"  # "pmap" or "sharded" use every device; "sharded" also spans processes
     micro_batches: int = 1  # gradient accumulation: each step sums the gradients of this many micro-batches
-    # AlexNet's conv_algorithm. Not run-defining: the algorithms compute the same function and
-    # differ in rounding only (a switch on resume is no longer bit-exact, nothing more).
-    conv_algorithm: str = "auto"
+    # AlexNet's conv_algorithm: XLA's convolution compiles in seconds; "auto" (the CLI's
+    # default) takes Winograd on a CPU, where steps are faster. Not run-defining: the algorithms
+    # compute the same function and differ in rounding only (a switch on resume is no longer
+    # bit-exact, nothing more).
+    conv_algorithm: str = "xla"
+
+    def validate(self) -> None:
+        """**Raises:** ValueError naming the first field (as its CLI flag) that no run can use."""
+        check_image_size(self.image_size)
+        for name in ("epochs", "batch_size", "keep", "patience", "lr_step_epochs", "micro_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("save_every", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num-classes must be at least 1, got {self.num_classes}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ValueError(f"weight-decay must be at least 0, got {self.weight_decay}")
+        check_conv_algorithm(self.conv_algorithm)
+        check_parallel_mode(self.parallel)
 
     def resolved(self, num_class_folders: int) -> TrainConfig:
         """A copy with the defaults that depend on the data and the recipe filled in, and paths made absolute."""
@@ -387,25 +177,7 @@ class TrainConfig:
         )
 
 
-def _check_config(config: TrainConfig) -> None:
-    from .data import check_image_size
-
-    check_image_size(config.image_size)
-    for name in ("epochs", "batch_size", "keep", "patience", "lr_step_epochs", "micro_batches"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if config.save_every < 0 or config.workers < 0:
-        raise ValueError("save-every and workers must be at least 0")
-    if config.recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {config.recipe!r}; expected one of {', '.join(RECIPES)}")
-    if config.lr is not None and not config.lr > 0:
-        raise ValueError(f"lr must be positive, got {config.lr}")
-    check_conv_algorithm(config.conv_algorithm)
-
-
-def _initial_params(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
-    from .io import load_variables
-
+def _initial_params(config: TrainConfig, model: AlexNet) -> dict[str, Any]:
     if config.init_from is None:
         return init_params(model, seed=config.seed)
     params = load_variables(config.init_from, device=False)["params"]
@@ -486,11 +258,7 @@ def train_and_evaluate(
     **Raises:** DataError, FileNotFoundError/FileExistsError (workdir), ValueError
     (config), NonFiniteLossError.
     """
-    from .checkpoint import Checkpoints
-    from .data import image_folder, steps_per_epoch
-    from .parallel import make_parallel
-
-    _check_config(config)
+    config.validate()
     # Before any data or weights are read: a batch that does not split is a usage error.
     parallel = make_parallel(config.parallel, global_batch=config.batch_size, micro_steps=config.micro_batches)
     train_data = image_folder(config.data)
@@ -513,12 +281,6 @@ def train_and_evaluate(
 
 def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epoch, resume, on_checkpoint):
     """The loop of `train_and_evaluate`, once its checkpoint manager exists."""
-    from tqdm import tqdm
-
-    from .data import eval_batches, train_batches
-    from .io import save_variables
-    from .model import AlexNet
-
     primary, shard = jax.process_index() == 0, {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
     total_steps = config.epochs * per_epoch
     _prepare_workdir(workdir, config, resume, checkpoints.latest_step())

@@ -32,6 +32,7 @@ class ParityReport:
     max_abs_logit: float
     top1_agree: int
     top5_agree: int  # images whose top-5 classes are identical, in order
+    top5_same_set: int  # images whose top-5 classes are the same set, in any order
     rtol: float = RTOL
 
     @property
@@ -66,6 +67,7 @@ def compare_logits(reference: np.ndarray, ours: np.ndarray, *, reference_name: s
         max_abs_logit=float(np.abs(reference).max()),
         top1_agree=int((reference.argmax(-1) == ours.argmax(-1)).sum()),
         top5_agree=int((top_k(reference, k) == top_k(ours, k)).all(-1).sum()),
+        top5_same_set=int(sum(set(a) == set(b) for a, b in zip(top_k(reference, k), top_k(ours, k)))),
     )
 
 

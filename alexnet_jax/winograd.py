@@ -1,4 +1,4 @@
-"""Stride-1 convolutions by Winograd's minimal filtering F(m x m, r x r).
+"""Stride-1 convolutions by Winograd's minimal filtering F(m x m, r x r), an opt-in for CPUs.
 
 Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (arXiv 1509.09308):
 each m x m tile of output is computed from an (m+r-1)^2 tile of input as
@@ -9,27 +9,25 @@ so the (m+r-1)^2 elementwise products, summed over input channels, become that m
 independent matrix products of shape (tiles, C_in) x (C_in, C_out). For AlexNet's 3x3
 and 5x5 layers with m = 2 that is 2.3x and 2.8x fewer multiplications than the direct
 convolution, and the matrix products run at XLA's GEMM speed, which on CPU is well above
-its convolution speed. conv3-conv5 forward go about 1.5x faster, their gradients too.
+its convolution speed. The README's Performance section has the measurements.
 
 The transforms are built exactly (fractions) by Cook-Toom interpolation at the points
 0, 1, -1, 2, -2, ... and infinity. The input and output transforms are applied as
 explicit sums of strided slices, which XLA fuses into memory-bound loops; the matmul
 forms of them (a stack of every tile's pixels times a small matrix) or one batched GEMM
-over a stacked input were measured slower, because XLA's CPU backend copies every stack
+over a stacked input are slower, because XLA's CPU backend copies every stack
 (concatenate) once more. The kernel transform is one small matmul, split with
 `jnp.split`, whose transpose is one concatenate.
 
-Costs: XLA compiles every distinct fused sum on its own, so a program with these layers
-takes seconds more to compile (AlexNet's forward and training step together ~10 s
-instead of ~3 s on 2 cores). The products kept for the backward pass are larger than
-the layer's input: ~4.6x for the 3x3 layers, ~9.7x for conv2, at 224x224. The output
-transform interleaves tiles with a stack whose fused operands XLA evaluates element by
-element, which is why m stays 2: at m = 3 or 4 that loop costs more than the saved
-multiplications.
+Costs, which is why it is not the default: XLA compiles every distinct fused sum on its
+own, so a program with these layers takes seconds more to compile; the products kept for
+the backward pass are several times the layer's input. The output transform interleaves
+tiles with a stack whose fused operands XLA evaluates element by element, which is why m
+stays 2: at m = 3 or 4 that loop costs more than the saved multiplications.
 
-Numerics: with m = 2 the float32 error is about twice the direct convolution's for 3x3
-kernels and about ten times for 5x5 (relative ~1e-6 and ~5e-6 on AlexNet's layers);
-float64 agrees to ~1e-15. Inputs narrower than float32 are computed in float32.
+Numerics: with m = 2 the float32 error is a few times the direct convolution's (more for
+5x5 kernels than 3x3; the tests bound both); float64 agrees to ~1e-15. Inputs narrower
+than float32 are computed in float32.
 """
 
 from __future__ import annotations

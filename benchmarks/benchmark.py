@@ -223,7 +223,7 @@ def _jax_train(model, params, data):
     """(train-step callable, compile seconds): one SGD step with momentum, weight decay, dropout on."""
     import jax
 
-    from alexnet_jax.train import create_train_state, make_optimizer, train_step
+    from alexnet_jax.steps import create_train_state, make_optimizer, train_step
 
     start = time.perf_counter()
     state = create_train_state(model, params, make_optimizer(1e-3, weight_decay=1e-4), seed=0)

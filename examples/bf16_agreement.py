@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from alexnet_jax import keep_freed_memory, load_variables, torch_to_flax
-from alexnet_jax.classify import ImageReadError, find_images, load_image
+from alexnet_jax.classify import find_images
+from alexnet_jax.images import ImageReadError, load_image
 from alexnet_jax.predict import dtype_agreement
 from alexnet_jax.verify import sample_images
 
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     images = [image for _, image in sample_images()]
-    for path in find_images(args.paths)[0]:
+    walk = find_images(args.paths)
+    for problem in walk.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    for path in walk.images:
         try:
             images.append(load_image(path))
         except ImageReadError as e:

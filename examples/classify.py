@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    files, skipped = find_images(args.paths)
+    walk = find_images(args.paths)
+    files, skipped = walk.images, walk.other_files
+    for problem in walk.problems:
+        print(f"warning: {problem}", file=sys.stderr)
     named = {path for path in args.paths if not path.is_dir()}
     results = []
     stream = classify_files(

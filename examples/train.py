@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="none: one device; pmap: jax.pmap over this machine's devices; "
                              "sharded: jit with the batch split over all devices of all processes (default %(default)s)")
     parser.add_argument("--conv-algorithm", choices=CONV_ALGORITHMS, default="auto",
-                        help="auto: Winograd for conv2-5 on CPU in float32 (faster steps, seconds more to compile), "
-                        "XLA's convolution elsewhere; or force winograd / xla (default %(default)s)")
+                        help="auto: Winograd for conv2-5 on a CPU in float32, where it pays over a run (faster steps, "
+                        "~10 s more to compile), XLA's convolution elsewhere; or force winograd / xla (default %(default)s)")
     parser.add_argument("--micro-batches", type=int, default=1,
                         help="gradient accumulation: split each step's batch into this many micro-batches (default %(default)s)")
     parser.add_argument("--distributed", action="store_true",
@@ -82,19 +82,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--init-timeout", type=int, default=INIT_TIMEOUT_S,
                         help="seconds to wait for all processes to join (default %(default)s)")
     args = parser.parse_args(argv)
-    if args.image_size < MIN_SIZE:
-        parser.error(f"--image-size must be at least {MIN_SIZE} (AlexNet's smallest input), got {args.image_size}")
-    for name in ("epochs", "batch_size", "keep", "patience", "lr_step_epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.num_classes is not None and args.num_classes < 1:
-        parser.error("--num-classes must be at least 1")
-    if args.lr is not None and not args.lr > 0:
-        parser.error("--lr must be positive")
-    if args.workers < 0 or args.save_every < 0:
-        parser.error("--workers and --save-every must be at least 0")
-    if args.micro_batches < 1:
-        parser.error("--micro-batches must be at least 1")
+    args.config = TrainConfig(
+        data=args.data, val_data=args.val_data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        image_size=args.image_size, init_from=args.init_from, num_classes=args.num_classes, seed=args.seed,
+        recipe=args.recipe, weight_decay=args.weight_decay, lr_step_epochs=args.lr_step_epochs,
+        patience=args.patience, freeze_features=args.freeze_features, workers=args.workers,
+        save_every=args.save_every, keep=args.keep, progress=not args.no_progress,
+        parallel=args.parallel, micro_batches=args.micro_batches, conv_algorithm=args.conv_algorithm,
+    )
+    try:
+        args.config.validate()  # the library's checks, reported as usage errors
+    except ValueError as e:
+        parser.error(str(e))
     args.distributed = args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
     return args
 
@@ -110,16 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         except DistributedError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    config = TrainConfig(
-        data=args.data, val_data=args.val_data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        image_size=args.image_size, init_from=args.init_from, num_classes=args.num_classes, seed=args.seed,
-        recipe=args.recipe, weight_decay=args.weight_decay, lr_step_epochs=args.lr_step_epochs,
-        patience=args.patience, freeze_features=args.freeze_features, workers=args.workers,
-        save_every=args.save_every, keep=args.keep, progress=not args.no_progress,
-        parallel=args.parallel, micro_batches=args.micro_batches, conv_algorithm=args.conv_algorithm,
-    )
     try:
-        last = train_and_evaluate(config, args.workdir, resume=args.resume)
+        last = train_and_evaluate(args.config, args.workdir, resume=args.resume)
     except (DataError, NonFiniteLossError, CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

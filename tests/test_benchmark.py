@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO, run_python
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "benchmark.py"
+SCRIPT = REPO / "benchmarks" / "benchmark.py"
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +16,9 @@ def smoke(tmp_path_factory):
     """One run of the script at its smallest (batch 1, 63x63, one timed call, no torch.compile),
     bf16 included: (process, JSON). One run for both smoke tests: each costs a full compile."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--image-size", "63",
-         "--no-compile", "--output", str(out), "--bf16", "--peak-tflops", "1", "--steps-per-call", "2"],
-        capture_output=True, text=True, timeout=300,
+    done = run_python(
+        [SCRIPT, "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--image-size", "63",
+         "--no-compile", "--output", out, "--bf16", "--peak-tflops", "1", "--steps-per-call", "2"],
     )
     assert done.returncode == 0, done.stderr
     return done, json.loads(out.read_text())

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from alexnet_jax.checkpoint import CheckpointError, Checkpoints
-from alexnet_jax.train import create_train_state, current_learning_rate, make_optimizer, set_learning_rate
+from alexnet_jax.steps import (
+    create_train_state,
+    current_learning_rate,
+    make_optimizer,
+    set_learning_rate,
+)
 
 
 def _state(seed: int = 0, lr: float = 0.1):

@@ -9,32 +9,31 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
+from helpers import REPO, run_python
 from PIL import Image
 
 from alexnet_jax import predict, save_variables, torch_to_flax
 from alexnet_jax.classify import (
     FileResult,
-    ImageReadError,
     check_output_path,
     classify_files,
     find_images,
     format_result,
-    load_image,
     summarize,
     write_results,
 )
+from alexnet_jax.images import ImageReadError, load_image, walk_images
 
-ROOT = Path(__file__).resolve().parents[1]
-CLASSIFY = ROOT / "examples" / "classify.py"
-SAMPLES = ROOT / "alexnet_jax" / "samples"
+CLASSIFY = REPO / "examples" / "classify.py"
+SAMPLES = REPO / "alexnet_jax" / "samples"
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -82,9 +81,7 @@ def folder(tmp_path_factory):
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(CLASSIFY), *map(str, args)], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
+    return run_python([CLASSIFY, *args])
 
 
 # --- library ---------------------------------------------------------------------------
@@ -116,7 +113,9 @@ def test_load_image_exif_orientation(tmp_path):
 
 def test_find_images(folder, tmp_path):
     missing = tmp_path / "missing.png"
-    found, skipped = find_images([folder, missing, folder / "readme.txt"])
+    walk = find_images([folder, missing, folder / "readme.txt"])
+    found, skipped = walk.images, walk.other_files
+    assert walk.problems == []
     assert found == [
         folder / "a_chelsea.jpg",
         folder / "bomb.png",
@@ -129,8 +128,37 @@ def test_find_images(folder, tmp_path):
     assert skipped == [folder / "readme.txt"]
 
 
+def test_walk_follows_links_without_looping_and_reports_unreadable_folders(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    (root / "a" / "deep").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "a" / "x.png")
+    Image.new("RGB", (8, 8)).save(root / "a" / "deep" / "y.png")
+    (root / "a" / "deep" / "loop").symlink_to(root / "a")  # a loop: would walk forever
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(elsewhere / "z.png")
+    (root / "b").symlink_to(elsewhere)  # a plain link to another folder: followed, as torchvision does
+    locked = root / "c"
+    locked.mkdir()
+    Image.new("RGB", (8, 8)).save(locked / "w.png")
+    # A folder without read permission (faked: the tests may run as root, who reads anything).
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    walk = walk_images(root)
+    assert walk.images == [root / "a" / "x.png", root / "a" / "deep" / "y.png", root / "b" / "z.png"]
+    assert len(walk.problems) == 2, walk.problems
+    assert "a link back to" in walk.problems[0] and str(root / "a" / "deep" / "loop") in walk.problems[0]
+    assert walk.problems[1] == f"{locked}: cannot list the folder (Permission denied)"
+
+
 def test_classify_files_in_order_with_errors(variables, folder):
-    files, _ = find_images([folder])
+    files = find_images([folder]).images
     results = list(classify_files(variables, files, batch_size=2))
     assert [r.path for r in results] == files
     assert [r.error is None for r in results] == [True, False, False, True, False]

@@ -6,18 +6,16 @@ import hashlib
 import importlib.util
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, run_python
 
 from alexnet_jax import AlexNet, load_variables
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "convert" / "torch_to_flax.py"
+SCRIPT = REPO / "convert" / "torch_to_flax.py"
 
 
 def _load_script():
@@ -71,14 +69,7 @@ def files(tmp_path_factory, torchvision, torchvision_state_dict):
 
 def _run(*args, cwd, env=None):
     """The script as a user runs it, in a fresh process."""
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_python([SCRIPT, *args], cwd=cwd, env=env)
 
 
 def _logits(variables_or_sd, x, *, torch_side=False):

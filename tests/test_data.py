@@ -174,7 +174,18 @@ def test_eval_batches_cover_every_image_once_in_order_and_pad(folder):
 
 
 def test_small_image_size_and_too_few_images_are_refused(folder):
-    with pytest.raises(DataError, match="below AlexNet's minimum of 63"):
+    with pytest.raises(DataError, match=r"image-size must be at least 63 \(AlexNet's smallest input\), got"):
         _batches(folder, image_size=62)
     with pytest.raises(DataError, match="15 images is less than one batch of 16"):
         _batches(folder, batch_size=16)
+
+
+def test_a_link_loop_in_a_class_folder_is_walked_once_and_reported(tmp_path, capsys):
+    # Reported by a user: a link back to its own class folder turned 64 images into 28,864 samples.
+    root = _write_folder(tmp_path / "train", np.random.default_rng(1))
+    (root / "bee" / "again").symlink_to(root / "bee")
+    data = image_folder(root)
+    assert len(data) == len(CLASSES) * PER_CLASS
+    assert [label for _, label in data.samples] == [c for c in range(len(CLASSES)) for _ in range(PER_CLASS)]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{root / 'bee' / 'again'}: a link back to" in err

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import textwrap
 
 import pytest
+from helpers import run_python
 
 glibc_linux = pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
@@ -56,13 +56,9 @@ def _thp_always() -> bool:
 
 def _run(code: str, **env: str) -> tuple[dict, str]:
     # The user's own allocator settings would decide the outcome instead of the module's.
-    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**base, "JAX_PLATFORMS": "cpu", "ALEXNET_JAX_KEEP_HOST_MEMORY": "1", **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    allocator = [k for k in os.environ if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")]
+    proc = run_python(
+        ["-c", code], env={"JAX_PLATFORMS": "cpu", "ALEXNET_JAX_KEEP_HOST_MEMORY": "1", **env}, drop_env=allocator
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-from alexnet_jax import load_variables
-from alexnet_jax.train import TrainConfig, read_metrics, train_and_evaluate
+from helpers import REPO, run_python
 from test_parallel import _relative_difference
 from test_train_loop import _colour_folder
 
-REPO = Path(__file__).resolve().parents[1]
+from alexnet_jax import load_variables
+from alexnet_jax.train import TrainConfig, read_metrics, train_and_evaluate
+
 SCRIPT = REPO / "examples" / "train.py"
 # What is under test is the processes agreeing, not the convolution: XLA's compiles in a
 # fraction of the Winograd layers' seconds (test_winograd and test_parity cover those).
@@ -104,7 +104,7 @@ def test_two_processes_end_with_the_parameters_of_one(data, tmp_path):
 
 
 def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return run_python([SCRIPT, *args], env=_env(), timeout=timeout)
 
 
 def test_an_unreachable_coordinator_fails_fast_with_one_line(data, tmp_path):

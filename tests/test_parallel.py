@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from helpers import REPO, run_python
 
 DEVICES = 4
 STEPS = 2  # the second step reads the momentum of the first
@@ -24,7 +23,6 @@ BATCH = 8  # global: 2 images per device, 1 per device and micro-batch with 2 mi
 SIZE = 64
 NUM_CLASSES = 7
 TOLERANCE = 1e-5
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _batches(n: int = STEPS):
@@ -60,7 +58,12 @@ def _child() -> dict:
 
     from alexnet_jax import AlexNet
     from alexnet_jax.parallel import PMAP_AXIS, make_parallel
-    from alexnet_jax.train import create_train_state, dropout_key, init_params, make_optimizer
+    from alexnet_jax.steps import (
+        create_train_state,
+        dropout_key,
+        init_params,
+        make_optimizer,
+    )
 
     assert jax.device_count() == DEVICES, jax.devices()
     # Dropout off: the variants draw different masks. XLA's convolution: what is under test is
@@ -92,6 +95,7 @@ def _child() -> dict:
             "loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
             "sharding": sharding,
         }
+    out["explicit_mesh"] = _explicit_mesh(start, batches[0]["image"])
     # pmap needs one mapped argument; the device index comes from the axis, not from it.
     keys = jax.pmap(lambda rng, _: dropout_key(rng, 3, PMAP_AXIS), axis_name=PMAP_AXIS, in_axes=(None, 0))(
         jax.random.PRNGKey(0), np.arange(DEVICES))
@@ -99,11 +103,38 @@ def _child() -> dict:
     return out
 
 
+def _explicit_mesh(params, x) -> dict:
+    """The model with the batch sharded over a `jax.make_mesh` mesh (explicit axes, JAX 0.10's default)."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from alexnet_jax import AlexNet
+
+    mesh = jax.make_mesh((DEVICES,), ("data",))
+    variables = {"params": params}
+    out = {"axis_types": str(mesh.axis_types)}
+    for algorithm in ("xla", "winograd"):
+        model = AlexNet(num_classes=NUM_CLASSES, conv_algorithm=algorithm)
+        grad = jax.grad(lambda v, x: jax.nn.log_softmax(model.apply(v, x))[:, 0].sum())
+        logits, grads = jax.jit(model.apply)(variables, x), jax.jit(grad)(variables, x)
+        with jax.set_mesh(mesh):
+            xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+            vs = jax.device_put(variables, NamedSharding(mesh, P()))
+            sharded, sharded_grads = jax.jit(model.apply)(vs, xs), jax.jit(grad)(vs, xs)
+        out[algorithm] = {
+            "logits": _relative_difference(jax.device_get(sharded), jax.device_get(logits)),
+            "grads": _relative_difference(jax.device_get(sharded_grads), jax.device_get(grads)),
+            "spec": list(sharded.sharding.spec),
+        }
+    return out
+
+
 @pytest.fixture(scope="module")
 def result():
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
+    env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
            "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    run = run_python([__file__], env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -122,6 +153,14 @@ def test_parallel_and_accumulated_steps_equal_single_device_steps(result, varian
 
 def test_the_sharded_state_is_replicated_over_the_four_devices(result):
     assert "P()" in result["variants"]["sharded"]["sharding"] or "PartitionSpec()" in result["variants"]["sharded"]["sharding"]
+
+
+@pytest.mark.parametrize("algorithm", ["xla", "winograd"])
+def test_the_model_runs_under_explicit_mesh_axes(result, algorithm):
+    got = result["explicit_mesh"]
+    assert "Explicit" in got["axis_types"]
+    assert got[algorithm]["spec"] == ["data", None]  # the logits stay split as the batch was
+    assert got[algorithm]["logits"] < TOLERANCE and got[algorithm]["grads"] < TOLERANCE, got
 
 
 def test_each_device_gets_its_own_dropout_key(result):

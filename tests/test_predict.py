@@ -15,10 +15,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import IMAGENET_CLASSES, features, predict, predict_logits, preprocess_batch, torch_to_flax
+from alexnet_jax import (
+    IMAGENET_CLASSES,
+    features,
+    predict,
+    predict_logits,
+    preprocess_batch,
+    torch_to_flax,
+)
 from alexnet_jax.labels import class_names
 from alexnet_jax.model import FEATURE_NAMES
-from alexnet_jax.predict import dtype_agreement, padded_size, predictions_from_logits, softmax
+from alexnet_jax.predict import (
+    dtype_agreement,
+    padded_size,
+    predictions_from_logits,
+    softmax,
+)
 
 RTOL = 1e-4
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # one per XLA compilation
@@ -204,9 +216,10 @@ def test_bfloat16_compute(variables, images):
     scale = np.abs(float32).max()
     assert 0 < np.abs(bf16 - float32).max() <= 0.05 * scale
     report = dtype_agreement(variables, images, batch_size=4)
-    assert report.dtype == "bfloat16" and report.num_images == len(images)
-    assert report.max_abs_logit_diff == pytest.approx(np.abs(bf16 - float32).max())
-    assert f"top-1 agree {report.top1_agree}/3" in report.summary()
+    assert report.dtype == "bfloat16" and report.logits.num_images == len(images)
+    assert report.logits.max_abs_diff == pytest.approx(np.abs(bf16 - float32).max())
+    assert report.logits.top5_agree <= report.logits.top5_same_set <= len(images)
+    assert f"top-1 agree {report.logits.top1_agree}/3" in report.summary()
 
 
 def test_predictions_from_logits():
@@ -228,3 +241,10 @@ def test_bad_arguments(variables, images):
         predict(variables, images[0])
     with pytest.raises(ValueError, match=r"must be NHWC \(N, H, W, 3\)"):
         predict_logits(variables, np.zeros((1, 3, 224, 224), np.float32))
+
+
+def test_features_choice_of_layers(variables, images):
+    got = features(variables, images[:1], layers=("fc7", "relu2"))
+    assert list(got) == ["fc7", "relu2"] and got["fc7"].shape == (1, 4096)
+    with pytest.raises(ValueError, match=r"unknown feature layers \['pool5'\]"):
+        features(variables, images[:1], layers=["pool5"])

@@ -8,20 +8,19 @@ import numpy as np
 import optax
 import pytest
 
-from alexnet_jax import AlexNet, flax_to_torch
-from alexnet_jax.train import (
-    Plateau,
+from alexnet_jax import AlexNet, flax_to_torch, replace_head
+from alexnet_jax.steps import (
     create_train_state,
     current_learning_rate,
     eval_step,
     make_optimizer,
-    replace_head,
     scaled_lr,
     set_learning_rate,
     step_schedule,
     summarize_eval,
     train_step,
 )
+from alexnet_jax.train import Plateau
 
 NUM_CLASSES = 7
 SIZE = 64  # AlexNet's cheapest useful input (>= 63)

@@ -6,28 +6,25 @@ import dataclasses
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from helpers import run_python
 from PIL import Image
 
 from alexnet_jax import AlexNet, load_variables, save_variables
 from alexnet_jax.checkpoint import Checkpoints
+from alexnet_jax.steps import create_train_state, init_params, make_optimizer
 from alexnet_jax.train import (
     NonFiniteLossError,
     TrainConfig,
-    create_train_state,
-    init_params,
     lr_for_recipe,
-    make_optimizer,
     read_metrics,
     train_and_evaluate,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 COLORS = ((220, 40, 40), (40, 200, 40), (40, 40, 220))  # one class per dominant colour: learnable in a few steps
 
 
@@ -81,10 +78,7 @@ def test_killed_and_resumed_run_ends_with_the_same_parameters(straight_run, tmp_
         f"    if step == {kill_at}: os.kill(os.getpid(), signal.SIGKILL)\n"
         "train_and_evaluate(config, sys.argv[2], on_checkpoint=kill)\n"
     )
-    run = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(dataclasses.asdict(config)), str(killed)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    run = run_python(["-c", script, json.dumps(dataclasses.asdict(config)), killed])
     assert run.returncode == -signal.SIGKILL, run.stderr
     assert not (killed / "final.msgpack").exists()
     assert Checkpoints(killed / "checkpoints").latest_step() == kill_at
@@ -136,9 +130,7 @@ def test_fine_tuning_replaces_the_head_and_can_freeze_the_features(data, tmp_pat
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "examples/train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    return run_python(["examples/train.py", *args], timeout=120)
 
 
 def test_cli_reports_bad_input_in_one_line(data, tmp_path):
@@ -168,6 +160,6 @@ def test_workdir_with_checkpoints_needs_resume_and_the_same_run(data, tmp_path):
 
 
 def test_an_unknown_conv_algorithm_is_refused_before_training(data, tmp_path):
-    with pytest.raises(ValueError, match="unknown conv algorithm 'fft'; expected one of auto, winograd, xla"):
+    with pytest.raises(ValueError, match="unknown conv algorithm 'fft'; expected one of xla, winograd, auto"):
         train_and_evaluate(_config(data, conv_algorithm="fft"), tmp_path)
     assert not (tmp_path / "checkpoints").exists()

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from alexnet_jax import AlexNet
-from alexnet_jax import winograd
+from alexnet_jax import AlexNet, winograd
 from alexnet_jax.model import Conv
 from alexnet_jax.preprocess import preprocess_batch
 

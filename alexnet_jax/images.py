@@ -1,0 +1,116 @@
+"""Image files: which suffixes count, reading one with a one-line reason, walking folders.
+
+Shared by everything that reads images from disk (classification, the training data,
+LPIPS), so that one rule decides which files are images and how folders are walked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+def _image_suffixes() -> frozenset[str]:
+    Image.init()  # registers every plugin, so the table is complete
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+# Suffixes Pillow can open (.jpg, .png, .webp, .tif, ...): what a folder walk picks up.
+IMAGE_SUFFIXES = _image_suffixes()
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be used; the message is one line, without the path."""
+
+
+def load_image(path: str | os.PathLike, *, exif: bool = False) -> Image.Image:
+    """Read and decode one image file completely (so truncation shows here, not later).
+
+    `exif=True` applies the EXIF orientation (`ImageOps.exif_transpose`); the
+    default ignores it, as torchvision's loaders do.
+    **Raises:** ImageReadError with a one-line reason: no such file, not an image,
+    truncated or corrupt, over Pillow's decompression-bomb limit.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image) if exif else image
+    except FileNotFoundError:
+        raise ImageReadError("no such file") from None
+    except IsADirectoryError:
+        raise ImageReadError("is a folder, not an image file") from None
+    except PermissionError:
+        raise ImageReadError("permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageReadError("not an image (Pillow cannot identify the file)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"refused as a possible decompression bomb: {e}") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise OSError, SyntaxError, ValueError, ... on bad bytes
+        raise ImageReadError(f"truncated or corrupt image ({type(e).__name__}: {e})") from None
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    """A visible file whose suffix Pillow reads: what a folder walk takes as an image."""
+    path = Path(path)
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+@dataclass
+class Walk:
+    """What `walk_images` found under one folder, each list in walk order."""
+
+    images: list[Path] = field(default_factory=list)
+    other_files: list[Path] = field(default_factory=list)  # visible files without an image suffix
+    problems: list[str] = field(default_factory=list)  # one line each: unreadable folders, link loops
+
+
+def walk_images(folder: str | os.PathLike) -> Walk:
+    """The image files under `folder`, recursively: a folder's files (sorted by name), then its sub-folders (sorted).
+
+    Hidden files and folders (a leading dot) are left out. Links are followed, as
+    torchvision's `ImageFolder` follows them, but a link back to a folder being walked
+    (a loop) is not entered again: it is reported once in `problems`. A sub-folder
+    that cannot be listed is reported there too and walked no further.
+    """
+    walk = Walk()
+    _walk(Path(folder), frozenset(), walk)
+    return walk
+
+
+def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], walk: Walk) -> None:
+    try:
+        info = folder.stat()
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        walk.problems.append(f"{folder}: cannot list the folder ({e.strerror or e})")
+        return
+    ancestors = ancestors | {(info.st_dev, info.st_ino)}
+    folders = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        if _is_dir(entry):
+            folders.append(path)
+        else:
+            (walk.images if is_image_name(path) else walk.other_files).append(path)
+    for path in folders:
+        try:
+            info = path.stat()
+        except OSError as e:
+            walk.problems.append(f"{path}: cannot list the folder ({e.strerror or e})")
+            continue
+        if (info.st_dev, info.st_ino) in ancestors:
+            walk.problems.append(f"{path}: a link back to {path.resolve()}, which contains it; not followed")
+            continue
+        _walk(path, ancestors, walk)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links
+    except OSError:
+        return False
