@@ -98,7 +98,9 @@ class Checkpoints:
         loop = {**loop, BEST_METRIC: None if val_top1 is None else float(val_top1)}
         return self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(_host_copy(_tree(state))), loop=ocp.args.JsonSave(loop)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_host_copy(_tree(state))), loop=ocp.args.JsonSave(loop)
+            ),
             metrics=None if val_top1 is None else {BEST_METRIC: float(val_top1)},
         )
 

@@ -93,7 +93,9 @@ def classify_files(
             except ImageReadError as e:
                 errors[i] = str(e)
         batch = list(inputs.values())
-        predictions = iter(predict(variables, np.stack(batch), k=k, batch_size=batch_size, dtype=dtype) if batch else [])
+        predictions = iter(
+            predict(variables, np.stack(batch), k=k, batch_size=batch_size, dtype=dtype) if batch else []
+        )
         for i, path in enumerate(chunk):
             yield FileResult(path, error=errors[i]) if i in errors else FileResult(path, prediction=next(predictions))
 
@@ -102,7 +104,9 @@ def check_output_path(path: str | os.PathLike) -> Path:
     """Check before a run that results can be written to `path`. **Raises:** ValueError saying why not."""
     path = Path(path)
     if path.suffix.lower() not in RESULT_FORMATS:
-        raise ValueError(f"{path}: results are written as {' or '.join(RESULT_FORMATS)}; got suffix {path.suffix or '(none)'!r}")
+        raise ValueError(
+            f"{path}: results are written as {' or '.join(RESULT_FORMATS)}; got suffix {path.suffix or '(none)'!r}"
+        )
     if not path.parent.is_dir():
         raise ValueError(f"{path}: folder {path.parent} does not exist")
     return path
@@ -125,7 +129,11 @@ def _rows(results: Iterable[FileResult]) -> list[dict[str, Any]]:
 
 
 def _csv_text(rows: list[dict[str, Any]], k: int) -> str:
-    columns = ["path"] + [f"top{j}_{field}" for j in range(1, k + 1) for field in ("index", "label", "probability")] + ["error"]
+    columns = (
+        ["path"]
+        + [f"top{j}_{field}" for j in range(1, k + 1) for field in ("index", "label", "probability")]
+        + ["error"]
+    )
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -138,7 +146,9 @@ def _csv_text(rows: list[dict[str, Any]], k: int) -> str:
 
 
 def write_results(path: str | os.PathLike, results: Sequence[FileResult]) -> Path:
-    """Write results atomically: `.csv` one row per file (path, top-k index/label/probability, error), or `.json` a list of records.
+    """Write results atomically: `.csv` one row per file, or `.json` a list of records.
+
+    A CSV row holds the path, the top-k index/label/probability and the error.
 
     **Returns:** the path written. **Raises:** ValueError for another suffix or a missing folder.
     """

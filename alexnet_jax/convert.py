@@ -134,7 +134,8 @@ def _check_values(arrays: Mapping[str, np.ndarray], allow_nonfinite: bool) -> No
     ]
     if bad:
         raise ConversionError(
-            f"non-finite weights (NaN or Inf) in {', '.join(bad)}; pass allow_nonfinite=True (--allow-nonfinite) to convert anyway"
+            f"non-finite weights (NaN or Inf) in {', '.join(bad)}; "
+            "pass allow_nonfinite=True (--allow-nonfinite) to convert anyway"
         )
 
 

@@ -25,8 +25,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grain
-from absl import flags
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from .images import ImageReadError, load_image, walk_images
@@ -291,7 +291,13 @@ def train_batches(
 
 
 def eval_batches(
-    folder: ImageFolder, *, batch_size: int, image_size: int, workers: int = 0, shard_index: int = 0, shard_count: int = 1
+    folder: ImageFolder,
+    *,
+    batch_size: int,
+    image_size: int,
+    workers: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every image of `folder` once, in folder order, with `eval_transform`; the last batch is padded (mask 0).
 

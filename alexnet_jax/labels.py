@@ -17,7 +17,8 @@ def _read_classes() -> tuple[str, ...]:
     names = tuple(text.splitlines())
     if len(names) != NUM_IMAGENET_CLASSES:
         raise RuntimeError(
-            f"alexnet_jax/data/imagenet_classes.txt has {len(names)} names, expected {NUM_IMAGENET_CLASSES}; reinstall the package"
+            f"alexnet_jax/data/imagenet_classes.txt has {len(names)} names, expected {NUM_IMAGENET_CLASSES}; "
+            "reinstall the package"
         )
     return names
 

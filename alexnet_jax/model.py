@@ -46,7 +46,7 @@ TRUNK_LAYERS: tuple[str, ...] = ("relu1", "relu2", "relu3", "relu4", "relu5")
 FEATURE_NAMES: tuple[str, ...] = TRUNK_LAYERS + ("fc7",)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def adaptive_pool_matrix(size: int, out: int = POOL_OUTPUT) -> np.ndarray:
     """Averaging weights of torch's `AdaptiveAvgPool` along one axis.
 
@@ -119,9 +119,7 @@ def _max_pool_jvp(primals, tangents):
         later = view > best  # strict: ties stay with the earlier position, as in torch
         best, winner = jnp.where(later, view, best), jnp.where(later, jnp.int8(k), winner)
     zero = jnp.zeros((), t.dtype)
-    t_out = functools.reduce(
-        jnp.add, (jnp.where(winner == k, tv, zero) for k, tv in enumerate(_pool_views(t)))
-    )
+    t_out = functools.reduce(jnp.add, (jnp.where(winner == k, tv, zero) for k, tv in enumerate(_pool_views(t))))
     return best, t_out
 
 
@@ -147,14 +145,16 @@ def conv2d(
     **Returns:** (N, H', W', C_out).
     """
     check_conv_algorithm(algorithm)
-    use_winograd = stride == 1 and (
-        algorithm == "winograd" or (algorithm == "auto" and winograd.use_winograd(x.dtype))
-    )
+    use_winograd = stride == 1 and (algorithm == "winograd" or (algorithm == "auto" and winograd.use_winograd(x.dtype)))
     if use_winograd:
         y = winograd.conv(x, kernel, padding)
     else:
         y = lax.conv_general_dilated(
-            x, kernel, (stride, stride), ((padding, padding), (padding, padding)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            x,
+            kernel,
+            (stride, stride),
+            ((padding, padding), (padding, padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
     return y + bias
 
@@ -177,7 +177,9 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), self.param_dtype)
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), self.param_dtype
+        )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return conv2d(x, kernel, bias, stride=self.stride, padding=self.padding, algorithm=self.algorithm)

@@ -73,7 +73,9 @@ def initialize_distributed(
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"number of processes must be at least 1, got {num_processes}")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"process id {process_id} is out of range for {num_processes} processes (0 to {num_processes - 1})")
+        raise ValueError(
+            f"process id {process_id} is out of range for {num_processes} processes (0 to {num_processes - 1})"
+        )
     if process_id is not None and process_id < 0:
         raise ValueError(f"process id must be at least 0, got {process_id}")
     if timeout_s < 1:
@@ -89,7 +91,8 @@ def initialize_distributed(
     print(
         f"process {process_id if process_id is not None else '?'}: joining {num_processes or '?'} processes "
         f"through {coordinator or 'the auto-detected coordinator'} (timeout {timeout_s} s)",
-        file=sys.stderr, flush=True,
+        file=sys.stderr,
+        flush=True,
     )
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s)
@@ -109,7 +112,9 @@ def _check_port_free(port: int, coordinator: str) -> None:
         try:
             s.bind(("", port))
         except OSError as e:
-            raise DistributedError(f"process 0 cannot serve as coordinator {coordinator}: port {port} is taken ({e.strerror})") from e
+            raise DistributedError(
+                f"process 0 cannot serve as coordinator {coordinator}: port {port} is taken ({e.strerror})"
+            ) from e
 
 
 def _wait_for_port(host: str, port: int, timeout_s: float, coordinator: str) -> None:

@@ -49,7 +49,7 @@ class Prediction:
 
 
 def padded_size(n: int, batch_size: int) -> int:
-    """The batch a chunk of `n` images (1 <= n <= batch_size) is padded to: the next power of two, at most batch_size."""
+    """The batch a chunk of `n` images (1 <= n <= batch_size) is padded to: the next power of two, at most that."""
     return min(batch_size, 1 << (n - 1).bit_length())
 
 
@@ -64,7 +64,7 @@ def _as_model_input(images: Images) -> np.ndarray:
     return preprocess_batch(images)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_logits(num_classes: int, dtype: str) -> Callable:
     model = AlexNet(num_classes=num_classes, dtype=jnp.dtype(dtype))
 
@@ -75,7 +75,7 @@ def _compiled_logits(num_classes: int, dtype: str) -> Callable:
     return jax.jit(logits)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_features(num_classes: int, dtype: str) -> Callable:
     model = AlexNet(num_classes=num_classes, dtype=jnp.dtype(dtype))
 
@@ -196,7 +196,9 @@ def features(
     """
     unknown = [name for name in layers if name not in FEATURE_NAMES]
     if unknown or not layers:
-        raise ValueError(f"unknown feature layers {unknown or '(none asked for)'}; choose from {', '.join(FEATURE_NAMES)}")
+        raise ValueError(
+            f"unknown feature layers {unknown or '(none asked for)'}; choose from {', '.join(FEATURE_NAMES)}"
+        )
     params, num_classes = _params_only(variables)
     x = _as_model_input(images)
     fn = _compiled_features(num_classes, jnp.dtype(dtype).name)

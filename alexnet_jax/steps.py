@@ -56,9 +56,7 @@ def step_schedule(
     lr: float, steps_per_epoch: int, *, step_epochs: int = LR_STEP_EPOCHS, gamma: float = LR_GAMMA
 ) -> optax.Schedule:
     """torchvision's StepLR per epoch, as a function of the optimizer step: lr * gamma**(epoch // step_epochs)."""
-    return optax.exponential_decay(
-        lr, transition_steps=step_epochs * steps_per_epoch, decay_rate=gamma, staircase=True
-    )
+    return optax.exponential_decay(lr, transition_steps=step_epochs * steps_per_epoch, decay_rate=gamma, staircase=True)
 
 
 def sgd_torch(learning_rate: float | optax.Schedule, momentum: float = MOMENTUM, weight_decay: float = 0.0):

@@ -76,7 +76,9 @@ class Plateau:
         return False
 
 
-def lr_for_recipe(recipe: str, lr: float, steps_per_epoch: int, *, step_epochs: int = LR_STEP_EPOCHS) -> float | Callable:
+def lr_for_recipe(
+    recipe: str, lr: float, steps_per_epoch: int, *, step_epochs: int = LR_STEP_EPOCHS
+) -> float | Callable:
     """The learning rate argument for `make_optimizer`: a StepLR schedule (torchvision) or a constant (paper)."""
     if recipe == "torchvision":
         return step_schedule(lr, steps_per_epoch, step_epochs=step_epochs)
@@ -100,12 +102,24 @@ CHECKPOINT_DIR = "checkpoints"
 # Fields that decide the trajectory: a resumed run must have the same ones to end where an
 # uninterrupted run would. `epochs` may grow (StepLR does not depend on it); `workers` changes nothing.
 _RUN_DEFINING = (
-    "data", "batch_size", "image_size", "seed", "recipe", "lr", "weight_decay", "lr_step_epochs",
-    "patience", "num_classes", "init_from", "freeze_features", "parallel", "micro_batches",
+    "data",
+    "batch_size",
+    "image_size",
+    "seed",
+    "recipe",
+    "lr",
+    "weight_decay",
+    "lr_step_epochs",
+    "patience",
+    "num_classes",
+    "init_from",
+    "freeze_features",
+    "parallel",
+    "micro_batches",
 )
 
 
-def _run_defining(config: "TrainConfig") -> tuple[str, ...]:
+def _run_defining(config: TrainConfig) -> tuple[str, ...]:
     # The paper's recipe lowers the rate when val top-1 stalls, so there the val set steers too.
     return _RUN_DEFINING + (("val_data",) if config.recipe == "paper" else ())
 
@@ -192,14 +206,17 @@ def _prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: i
     if resume and latest is None:
         raise FileNotFoundError(f"{workdir}: no checkpoint to resume from (start without --resume)")
     if not resume and latest is not None:
-        raise FileExistsError(f"{workdir}: already holds checkpoints up to step {latest}; pass --resume or use a new workdir")
+        raise FileExistsError(
+            f"{workdir}: already holds checkpoints up to step {latest}; pass --resume or use a new workdir"
+        )
     if resume and config_path.is_file():
         saved = json.loads(config_path.read_text())
         # A field missing from an older config.json had its default then.
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         changed = [
             f"{k} ({saved.get(k, defaults[k])!r} -> {getattr(config, k)!r})"
-            for k in _run_defining(config) if saved.get(k, defaults[k]) != getattr(config, k)
+            for k in _run_defining(config)
+            if saved.get(k, defaults[k]) != getattr(config, k)
         ]
         if changed:
             raise ValueError(f"{workdir}: cannot resume exactly with a different {', '.join(changed)}")
@@ -265,7 +282,10 @@ def train_and_evaluate(
     val_data = image_folder(config.val_data, classes=train_data.classes)
     config = config.resolved(len(train_data.classes))
     if config.num_classes < len(train_data.classes):
-        raise ValueError(f"num-classes {config.num_classes} is less than the {len(train_data.classes)} class folders in {config.data}")
+        raise ValueError(
+            f"num-classes {config.num_classes} is less than the {len(train_data.classes)} class folders "
+            f"in {config.data}"
+        )
     per_epoch = steps_per_epoch(len(train_data), config.batch_size)
     if per_epoch == 0:
         raise ValueError(f"{config.data}: {len(train_data)} images is less than one batch of {config.batch_size}")
@@ -292,8 +312,13 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
         freeze_features=config.freeze_features,
     )
     state = create_train_state(model, _initial_params(config, model), tx, seed=config.seed)
-    loop: dict[str, Any] = {"epoch_loss": 0.0, "epoch_top1": 0.0, "epoch_steps": 0, "skipped": 0,
-                            "plateau": dataclasses.asdict(Plateau(patience=config.patience))}
+    loop: dict[str, Any] = {
+        "epoch_loss": 0.0,
+        "epoch_top1": 0.0,
+        "epoch_steps": 0,
+        "skipped": 0,
+        "plateau": dataclasses.asdict(Plateau(patience=config.patience)),
+    }
     metrics_path = workdir / METRICS_FILE
     if resume:
         state, loop = checkpoints.restore(state)
@@ -312,11 +337,19 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
             on_checkpoint(step)
 
     last: dict[str, Any] = {}
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (config.progress and primary), dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, initial=step, unit="step", disable=not (config.progress and primary), dynamic_ncols=True
+    )
     started, images = time.perf_counter(), 0
     batches = train_batches(
-        train_data, batch_size=config.batch_size, image_size=config.image_size, seed=config.seed,
-        start_step=step, num_steps=total_steps, workers=config.workers, **shard,
+        train_data,
+        batch_size=config.batch_size,
+        image_size=config.image_size,
+        seed=config.seed,
+        start_step=step,
+        num_steps=total_steps,
+        workers=config.workers,
+        **shard,
     )
     try:
         for batch in batches:
@@ -325,8 +358,15 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
                 good = checkpoints.latest_step()
-                kept = f"the last good checkpoint is step {good} in {checkpoints.directory}" if good is not None else "no checkpoint was written yet"
-                raise NonFiniteLossError(f"loss is {loss} at step {step + 1} (epoch {step // per_epoch + 1}); stopped, {kept}. Try a lower --lr")
+                kept = (
+                    f"the last good checkpoint is step {good} in {checkpoints.directory}"
+                    if good is not None
+                    else "no checkpoint was written yet"
+                )
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step + 1} (epoch {step // per_epoch + 1}); stopped, {kept}. "
+                    "Try a lower --lr"
+                )
             step += 1
             loop["epoch_loss"] += loss
             loop["epoch_top1"] += float(metrics["top1"])
@@ -337,15 +377,26 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
             if step % per_epoch == 0:
                 val = evaluate(
                     state,
-                    eval_batches(val_data, batch_size=config.batch_size, image_size=config.image_size, workers=config.workers, **shard),
+                    eval_batches(
+                        val_data,
+                        batch_size=config.batch_size,
+                        image_size=config.image_size,
+                        workers=config.workers,
+                        **shard,
+                    ),
                     parallel.put_eval_batch,
                 )
                 last = {
-                    "step": step, "epoch": step // per_epoch,
+                    "step": step,
+                    "epoch": step // per_epoch,
                     "train_loss": loop["epoch_loss"] / loop["epoch_steps"],
                     "train_top1": loop["epoch_top1"] / loop["epoch_steps"],
-                    "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-                    "lr": float(metrics["lr"]), "skipped_train": loop["skipped"], "skipped_val": val["skipped"],
+                    "val_loss": val["loss"],
+                    "val_top1": val["top1"],
+                    "val_top5": val["top5"],
+                    "lr": float(metrics["lr"]),
+                    "skipped_train": loop["skipped"],
+                    "skipped_val": val["skipped"],
                 }
                 if config.recipe == "paper" and plateau.update(val["top1"]):
                     state = parallel.put_state(set_learning_rate(state, current_learning_rate(state) * plateau.factor))

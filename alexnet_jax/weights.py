@@ -125,8 +125,14 @@ def _download(url: str, dst: Path, expected_prefix: str, progress: bool) -> None
         request = urllib.request.Request(url, headers={"User-Agent": "torch.hub"})
         with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S) as response, tmp.open("wb") as f:
             size = response.headers.get("Content-Length")
-            with tqdm(total=int(size) if size else None, disable=not progress, unit="B", unit_scale=True,
-                      unit_divisor=1024, desc=dst.name) as bar:
+            with tqdm(
+                total=int(size) if size else None,
+                disable=not progress,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=dst.name,
+            ) as bar:
                 while block := response.read(1 << 20):
                     f.write(block)
                     digest.update(block)
@@ -145,7 +151,7 @@ def _download(url: str, dst: Path, expected_prefix: str, progress: bool) -> None
         tmp.unlink()
         raise WeightsError(
             f"{url}: downloaded file failed its sha256 check and was discarded "
-            f"(sha256 {digest.hexdigest()[:len(expected_prefix)]}..., expected {expected_prefix}...)"
+            f"(sha256 {digest.hexdigest()[: len(expected_prefix)]}..., expected {expected_prefix}...)"
         )
     os.replace(tmp, dst)
 

@@ -44,9 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 # Interpolation points in the order that keeps the transforms' coefficients smallest;
 # infinity is always the last point. F(m, r) uses the first m + r - 2 of them.
-POINTS: tuple[Fraction, ...] = tuple(
-    Fraction(p) for p in (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2), 3, -3)
-)
+POINTS: tuple[Fraction, ...] = tuple(Fraction(p) for p in (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2), 3, -3))
 
 Matrix = tuple[tuple[Fraction, ...], ...]
 
@@ -66,7 +64,7 @@ def _inverse(m: list[list[Fraction]]) -> list[list[Fraction]]:
     return [row[n:] for row in a]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def transforms(m: int, r: int) -> tuple[Matrix, Matrix, Matrix]:
     """(A^T, G, B^T) of F(m, r), exact.
 
@@ -147,7 +145,7 @@ def conv(x: jnp.ndarray, kernel: jnp.ndarray, padding: int, tile: int = 2) -> jn
 
     # Kernel transform G g G^T as one small matmul, (a*a, r*r) x (r*r, C_in*C_out): the
     # kernel is small, and one op instead of a*a sums keeps XLA's compile time down.
-    gg = np.array([[float(g[i][k] * g[j][l]) for k in range(r) for l in range(r)] for i in range(a) for j in range(a)])
+    gg = np.array([[float(g[i][k] * g[j][q]) for k in range(r) for q in range(r)] for i in range(a) for j in range(a)])
     u_all = jnp.dot(jnp.asarray(gg, kernel.dtype), kernel.reshape(r * r, c * c_out), precision=lax.Precision.HIGHEST)
     u = [ui.reshape(c, c_out) for ui in jnp.split(u_all, a * a)]
 
@@ -158,8 +156,7 @@ def conv(x: jnp.ndarray, kernel: jnp.ndarray, padding: int, tile: int = 2) -> jn
 
     # Output transform A^T M A, assembled into (n, th, m, tw, m, c_out) and untiled.
     out = [
-        [_combine([at[p][i] * at[q][j] for i in range(a) for j in range(a)], prods) for q in range(m)]
-        for p in range(m)
+        [_combine([at[p][i] * at[q][j] for i in range(a) for j in range(a)], prods) for q in range(m)] for p in range(m)
     ]
     y = jnp.stack([jnp.stack(out[p], axis=3) for p in range(m)], axis=2)
     return _untile(y)[:, :out_h, :out_w]

@@ -67,19 +67,29 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     p.add_argument(
-        "--steps-per-call", type=int, default=1,
+        "--steps-per-call",
+        type=int,
+        default=1,
         help="steps run back to back in one timed call, waiting once at its end: on a GPU, 1 times a synchronous step "
         "(its CPU launch work included), more times throughput with launches overlapping the device's work",
     )
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument(
-        "--conv-algorithm", choices=CONV_ALGORITHMS, default="auto",
+        "--conv-algorithm",
+        choices=CONV_ALGORITHMS,
+        default="auto",
         help="AlexNet's conv_algorithm for the JAX side; auto takes Winograd on a CPU in float32, where it pays "
         "(default %(default)s)",
     )
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (it needs a C++ compiler, and minutes)")
+    p.add_argument(
+        "--no-compile", action="store_true", help="skip torch.compile (it needs a C++ compiler, and minutes)"
+    )
     p.add_argument("--bf16", action="store_true", help="time the bf16 training step on CPU too (always on a GPU)")
-    p.add_argument("--peak-tflops", type=float, help="the device's peak dense bf16 TFLOP/s for MFU (default: from the table by device name)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's peak dense bf16 TFLOP/s for MFU (default: from the table by device name)",
+    )
     p.add_argument("--output", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.steps_per_call < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
@@ -161,7 +171,9 @@ def _torch_runners(model_cls, state_dict, batch: int, size: int, compiled: bool,
     x = torch.randn(batch, 3, size, size).to(device, memory_format=layout)
     y = torch.randint(0, 1000, (batch,)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    )
     # CUDA runs asynchronously: without the wait we would time the launch, not the work.
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -198,7 +210,11 @@ def _jax_setup(variables, batch: int, size: int, conv_algorithm: str, dtype=None
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, size, size, 3), np.float32))
-    data = {"image": x, "label": jnp.asarray(rng.integers(0, 1000, batch), jnp.int32), "mask": jnp.ones((batch,), jnp.float32)}
+    data = {
+        "image": x,
+        "label": jnp.asarray(rng.integers(0, 1000, batch), jnp.int32),
+        "mask": jnp.ones((batch,), jnp.float32),
+    }
     model = AlexNet(dtype=dtype or jnp.float32, conv_algorithm=conv_algorithm)
     return model, jax.device_put(variables["params"]), data
 
@@ -264,7 +280,8 @@ def _accelerator() -> bool:
     if jax_gpu != torch_gpu:
         sys.exit(
             f"JAX runs on {jax.default_backend()} but torch.cuda.is_available() is {torch_gpu}: the comparison "
-            "would pit a GPU against a CPU; install CUDA builds of both, or hide the GPU from both (JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=)"
+            "would pit a GPU against a CPU; install CUDA builds of both, or hide the GPU from both "
+            "(JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=)"
         )
     return jax_gpu
 
@@ -325,10 +342,16 @@ def main(argv: list[str] | None = None) -> int:
             "host_memory": host_memory,
         },
         "settings": {
-            "image_size": args.image_size, "conv_algorithm": args.conv_algorithm, "repeats": args.repeats, "warmup": args.warmup,
-            "steps_per_call": args.steps_per_call, "dtype": "float32",
-            "bf16": bf16, "torch_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-            "torch_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "torch_cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "image_size": args.image_size,
+            "conv_algorithm": args.conv_algorithm,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "steps_per_call": args.steps_per_call,
+            "dtype": "float32",
+            "bf16": bf16,
+            "torch_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "torch_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "torch_cudnn_benchmark": torch.backends.cudnn.benchmark,
         },
         "conversion": _conversion(state_dict),
         "runs": [],
@@ -356,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         row = {"batch": batch, "jax_compile_s": infer_s + train_s}
         timed = [("infer", infers), ("train", trains)]
         if bf16:
-            train_bf16, row["jax_bf16_compile_s"] = _jax_train(*_jax_setup(variables, batch, args.image_size, args.conv_algorithm, jnp.bfloat16))
+            train_bf16, row["jax_bf16_compile_s"] = _jax_train(
+                *_jax_setup(variables, batch, args.image_size, args.conv_algorithm, jnp.bfloat16)
+            )
             trains_bf16 = {"jax": train_bf16}
             for mode in modes:
                 _, trains_bf16[f"torch_{mode}"] = _torch_runners(
@@ -365,9 +390,14 @@ def main(argv: list[str] | None = None) -> int:
             timed.append(("train_bf16", trains_bf16))
         for work, fns in timed:
             print(f"batch {batch}: timing {work} ...", file=sys.stderr, flush=True)
-            row[work] = {name: batch / s for name, s in _interleaved_medians(fns, args.repeats, args.warmup, args.steps_per_call).items()}
+            row[work] = {
+                name: batch / s
+                for name, s in _interleaved_medians(fns, args.repeats, args.warmup, args.steps_per_call).items()
+            }
         if bf16 and peak is not None:
-            row["mfu_bf16"] = {name: v * results["flops"]["train_per_image"] / (peak * 1e12) for name, v in row["train_bf16"].items()}
+            row["mfu_bf16"] = {
+                name: v * results["flops"]["train_per_image"] / (peak * 1e12) for name, v in row["train_bf16"].items()
+            }
         results["runs"].append(row)
         # Written after every batch: a run cut short (a time limit) keeps what it finished.
         _write(args.output, results)
@@ -388,7 +418,11 @@ def _write(path: Path | None, results: dict) -> None:
 
 def _speed_cells(r: dict[str, float], modes: list[str]) -> list[str]:
     """Images/s of jax and each torch mode, then jax's ratio to each."""
-    return [f"{r['jax']:.1f}"] + [f"{r[f'torch_{m}']:.1f}" for m in modes] + [f"{r['jax'] / r[f'torch_{m}']:.2f}x" for m in modes]
+    return (
+        [f"{r['jax']:.1f}"]
+        + [f"{r[f'torch_{m}']:.1f}" for m in modes]
+        + [f"{r['jax'] / r[f'torch_{m}']:.2f}x" for m in modes]
+    )
 
 
 def _table(results: dict, modes: list[str]) -> str:
@@ -401,7 +435,11 @@ def _table(results: dict, modes: list[str]) -> str:
     m = results["machine"]
     if results["settings"]["bf16"]:
         mfu = m["peak_bf16_tflops"] is not None
-        head = ["bf16 train", "batch"] + speed_head + (["MFU jax"] + [f"MFU torch {mode}" for mode in modes] if mfu else [])
+        head = (
+            ["bf16 train", "batch"]
+            + speed_head
+            + (["MFU jax"] + [f"MFU torch {mode}" for mode in modes] if mfu else [])
+        )
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in results["runs"]:
             cells = ["bf16 train", str(row["batch"])] + _speed_cells(row["train_bf16"], modes)
@@ -410,8 +448,13 @@ def _table(results: dict, modes: list[str]) -> str:
         flops = results["flops"]
         lines.append("")
         lines.append(
-            f"model FLOPs: {flops['forward_per_image'] / 1e9:.3f} GFLOP forward per image, a training step {TRAIN_FORWARDS}x that; "
-            + (f"peak {m['peak_bf16_tflops']:g} TFLOP/s bf16 ({m['peak_source']})" if mfu else f"MFU omitted: {m['peak_source']}")
+            f"model FLOPs: {flops['forward_per_image'] / 1e9:.3f} GFLOP forward per image, "
+            f"a training step {TRAIN_FORWARDS}x that; "
+            + (
+                f"peak {m['peak_bf16_tflops']:g} TFLOP/s bf16 ({m['peak_source']})"
+                if mfu
+                else f"MFU omitted: {m['peak_source']}"
+            )
         )
     conv = results["conversion"]
     compile_s = ", ".join(f"batch {r['batch']}: {r['jax_compile_s']:.1f} s" for r in results["runs"])
@@ -425,7 +468,10 @@ def _table(results: dict, modes: list[str]) -> str:
     if steps > 1:
         lines.append(f"each timed call: {steps} steps back to back, one wait at the end")
     gpu = f", {m['device']}" if m["accelerator"] else ""
-    lines.append(f"{m['platform']}, {m['cpus']} CPUs{gpu}, jax {m['jax']} ({m['jax_backend']}), torch {m['torch']} ({m['torch_threads']} threads)")
+    lines.append(
+        f"{m['platform']}, {m['cpus']} CPUs{gpu}, jax {m['jax']} ({m['jax_backend']}), "
+        f"torch {m['torch']} ({m['torch_threads']} threads)"
+    )
     lines.append(f"glibc keeps freed host memory (alexnet_jax.host_memory): {m['host_memory']}")
     return "\n".join(lines)
 

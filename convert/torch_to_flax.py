@@ -29,12 +29,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "checkpoint holding one under 'state_dict' or 'model', or .safetensors. "
         "Default: torchvision's IMAGENET1K_V1 weights through torch hub (cached, hash-checked).",
     )
-    p.add_argument("--url", help="download from this URL instead of torchvision's (a mirror); its file name "
-                   "must keep the '-<sha256 prefix>.' part, which is checked")
-    p.add_argument("--output", type=Path, help="where to write; .safetensors for safetensors, else flax msgpack "
-                   "(default: the source's name with .msgpack, in the current folder)")
-    p.add_argument("--verify", action="store_true", help="compare torch and Flax logits on sample photos first; "
-                   "exit 3 and write nothing on a mismatch")
+    p.add_argument(
+        "--url",
+        help="download from this URL instead of torchvision's (a mirror); its file name "
+        "must keep the '-<sha256 prefix>.' part, which is checked",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        help="where to write; .safetensors for safetensors, else flax msgpack "
+        "(default: the source's name with .msgpack, in the current folder)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare torch and Flax logits on sample photos first; exit 3 and write nothing on a mismatch",
+    )
     p.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN or Inf")
     p.add_argument("--no-progress", action="store_true", help="no download progress bar")
     return p.parse_args(argv)
@@ -51,7 +61,9 @@ def _sha256(path: Path) -> str:
 def _describe_source(path: Path, record) -> str:
     # Only a file whose own hash matches torchvision's record is called pretrained.
     if _sha256(path).startswith(record.sha256_prefix):
-        return f"torchvision {record.name} ImageNet weights ({path}, sha256 {record.sha256_prefix}…, acc@1 {record.acc1})"
+        return (
+            f"torchvision {record.name} ImageNet weights ({path}, sha256 {record.sha256_prefix}…, acc@1 {record.acc1})"
+        )
     return f"{path} (not torchvision's {record.name} file: its sha256 does not start with {record.sha256_prefix})"
 
 

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", type=Path, metavar="IMAGE_OR_DIR", help="more images besides the samples")
     parser.add_argument("--weights", type=Path, help="variables file; without it, seeded torchvision-init weights")
-    parser.add_argument("--seed", type=int, default=0, help="torch seed for the initialized weights (default %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="torch seed for the initialized weights (default %(default)s)"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     try:

@@ -27,11 +27,17 @@ from alexnet_jax.predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", required=True, type=Path, help="variables file from convert/torch_to_flax.py")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="IMAGE_OR_DIR", help="image files and folders (walked recursively)")
+    parser.add_argument(
+        "paths", nargs="+", type=Path, metavar="IMAGE_OR_DIR", help="image files and folders (walked recursively)"
+    )
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="labels per image (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass (default %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass (default %(default)s)"
+    )
     parser.add_argument("--output", type=Path, help="also write the results to this .csv or .json file")
-    parser.add_argument("--exif", action="store_true", help="rotate images by their EXIF orientation (torchvision does not)")
+    parser.add_argument(
+        "--exif", action="store_true", help="rotate images by their EXIF orientation (torchvision does not)"
+    )
     parser.add_argument("--bf16", action="store_true", help="compute in bfloat16 (parameters stay float32)")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:

@@ -1,6 +1,6 @@
 """Draw AlexNet's 64 learned conv1 kernels (11x11x3) as an 8x8 grid PNG, as in the paper's Figure 3.
 
-    python examples/draw_conv1_filters.py --weights alexnet.msgpack --output conv1_filters.png
+python examples/draw_conv1_filters.py --weights alexnet.msgpack --output conv1_filters.png
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from alexnet_jax.visualize import save_conv1_filters
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", required=True, type=Path, help="variables file from convert/torch_to_flax.py")
-    parser.add_argument("--output", type=Path, default=Path("conv1_filters.png"), help="PNG to write (default %(default)s)")
+    parser.add_argument(
+        "--output", type=Path, default=Path("conv1_filters.png"), help="PNG to write (default %(default)s)"
+    )
     parser.add_argument("--scale", type=int, default=4, help="pixels per kernel weight (default %(default)s)")
     args = parser.parse_args(argv)
     try:

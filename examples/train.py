@@ -15,7 +15,8 @@ Kubernetes (JobSet) and Cloud TPU `--distributed` alone is enough: JAX finds the
 WORKDIR gets checkpoints/ (Orbax), metrics.jsonl (one line per epoch), config.json,
 and at the end final.msgpack (read by alexnet_jax.load_variables) and curves.png.
 Exit status: 0 trained; 1 bad data, workdir or weights, a non-finite loss, a batch that
-does not split over the devices, or processes that could not meet; 2 bad arguments. The work is in `alexnet_jax.train.train_and_evaluate`.
+does not split over the devices, or processes that could not meet; 2 bad arguments.
+The work is in `alexnet_jax.train.train_and_evaluate`.
 """
 
 from __future__ import annotations
@@ -48,53 +49,118 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="default %(default)s")
     parser.add_argument("--batch-size", type=int, default=256, help="global batch (default %(default)s)")
     parser.add_argument("--lr", type=float, help="learning rate (default 0.01 * batch-size / 256)")
-    parser.add_argument("--image-size", type=int, default=224, help=f"training crop side, at least {MIN_SIZE} (default %(default)s)")
+    parser.add_argument(
+        "--image-size", type=int, default=224, help=f"training crop side, at least {MIN_SIZE} (default %(default)s)"
+    )
     parser.add_argument("--init-from", help="variables file to start from (e.g. converted torchvision weights)")
-    parser.add_argument("--num-classes", type=int, help="outputs of the head (default: the number of class folders); "
-                        "with --init-from a head of another size is replaced by a fresh one")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        help="outputs of the head (default: the number of class folders); "
+        "with --init-from a head of another size is replaced by a fresh one",
+    )
     parser.add_argument("--freeze-features", action="store_true", help="train only the classifier (fine-tuning)")
     parser.add_argument("--seed", type=int, default=0, help="fixes initialization, data order, augmentation, dropout")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
-    parser.add_argument("--recipe", choices=RECIPES, default="torchvision",
-                        help="torchvision: lr x0.1 every --lr-step-epochs, wd 1e-4; paper: lr /10 when val top-1 stops improving, wd 5e-4")
+    parser.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default="torchvision",
+        help="torchvision: lr x0.1 every --lr-step-epochs, wd 1e-4; "
+        "paper: lr /10 when val top-1 stops improving, wd 5e-4",
+    )
     parser.add_argument("--weight-decay", type=float, help="default: the recipe's")
     parser.add_argument("--lr-step-epochs", type=int, default=30, help="torchvision recipe (default %(default)s)")
-    parser.add_argument("--patience", type=int, default=1, help="paper recipe: epochs without improvement (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
-                        help="image-decoding processes; 0 decodes in threads of this process (default %(default)s)")
-    parser.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps, 0 for epoch ends only (default %(default)s)")
+    parser.add_argument(
+        "--patience", type=int, default=1, help="paper recipe: epochs without improvement (default %(default)s)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1) - 1,
+        help="image-decoding processes; 0 decodes in threads of this process (default %(default)s)",
+    )
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=1000,
+        help="checkpoint every N steps, 0 for epoch ends only (default %(default)s)",
+    )
     parser.add_argument("--keep", type=int, default=3, help="checkpoints kept besides the best (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--parallel", choices=MODES, default="none",
-                        help="none: one device; pmap: jax.pmap over this machine's devices; "
-                             "sharded: jit with the batch split over all devices of all processes (default %(default)s)")
-    parser.add_argument("--conv-algorithm", choices=CONV_ALGORITHMS, default="auto",
-                        help="auto: Winograd for conv2-5 on a CPU in float32, where it pays over a run (faster steps, "
-                        "~10 s more to compile), XLA's convolution elsewhere; or force winograd / xla (default %(default)s)")
-    parser.add_argument("--micro-batches", type=int, default=1,
-                        help="gradient accumulation: split each step's batch into this many micro-batches (default %(default)s)")
-    parser.add_argument("--distributed", action="store_true",
-                        help="join a multi-process run (jax.distributed.initialize); implied by the next three")
-    parser.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
-                        help="HOST:PORT of process 0 (default $JAX_COORDINATOR_ADDRESS; auto-detected on Slurm, TPU, k8s)")
-    parser.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"), help="default $JAX_NUM_PROCESSES")
-    parser.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"), help="0 .. N-1 (default $JAX_PROCESS_ID)")
-    parser.add_argument("--init-timeout", type=int, default=INIT_TIMEOUT_S,
-                        help="seconds to wait for all processes to join (default %(default)s)")
+    parser.add_argument(
+        "--parallel",
+        choices=MODES,
+        default="none",
+        help="none: one device; pmap: jax.pmap over this machine's devices; "
+        "sharded: jit with the batch split over all devices of all processes (default %(default)s)",
+    )
+    parser.add_argument(
+        "--conv-algorithm",
+        choices=CONV_ALGORITHMS,
+        default="auto",
+        help="auto: Winograd for conv2-5 on a CPU in float32, where it pays over a run (faster steps, "
+        "~10 s more to compile), XLA's convolution elsewhere; or force winograd / xla (default %(default)s)",
+    )
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="gradient accumulation: split each step's batch into this many micro-batches (default %(default)s)",
+    )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run (jax.distributed.initialize); implied by the next three",
+    )
+    parser.add_argument(
+        "--coordinator",
+        default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        help="HOST:PORT of process 0 (default $JAX_COORDINATOR_ADDRESS; auto-detected on Slurm, TPU, k8s)",
+    )
+    parser.add_argument(
+        "--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"), help="default $JAX_NUM_PROCESSES"
+    )
+    parser.add_argument(
+        "--process-id", type=int, default=_env_int("JAX_PROCESS_ID"), help="0 .. N-1 (default $JAX_PROCESS_ID)"
+    )
+    parser.add_argument(
+        "--init-timeout",
+        type=int,
+        default=INIT_TIMEOUT_S,
+        help="seconds to wait for all processes to join (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     args.config = TrainConfig(
-        data=args.data, val_data=args.val_data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        image_size=args.image_size, init_from=args.init_from, num_classes=args.num_classes, seed=args.seed,
-        recipe=args.recipe, weight_decay=args.weight_decay, lr_step_epochs=args.lr_step_epochs,
-        patience=args.patience, freeze_features=args.freeze_features, workers=args.workers,
-        save_every=args.save_every, keep=args.keep, progress=not args.no_progress,
-        parallel=args.parallel, micro_batches=args.micro_batches, conv_algorithm=args.conv_algorithm,
+        data=args.data,
+        val_data=args.val_data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        image_size=args.image_size,
+        init_from=args.init_from,
+        num_classes=args.num_classes,
+        seed=args.seed,
+        recipe=args.recipe,
+        weight_decay=args.weight_decay,
+        lr_step_epochs=args.lr_step_epochs,
+        patience=args.patience,
+        freeze_features=args.freeze_features,
+        workers=args.workers,
+        save_every=args.save_every,
+        keep=args.keep,
+        progress=not args.no_progress,
+        parallel=args.parallel,
+        micro_batches=args.micro_batches,
+        conv_algorithm=args.conv_algorithm,
     )
     try:
         args.config.validate()  # the library's checks, reported as usage errors
     except ValueError as e:
         parser.error(str(e))
-    args.distributed = args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
+    args.distributed = args.distributed or any(
+        v is not None for v in (args.coordinator, args.num_processes, args.process_id)
+    )
     return args
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import pytest
+
 from helpers import REPO, run_python
 
 SCRIPT = REPO / "benchmarks" / "benchmark.py"
@@ -17,8 +18,25 @@ def smoke(tmp_path_factory):
     bf16 included: (process, JSON). One run for both smoke tests: each costs a full compile."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     done = run_python(
-        [SCRIPT, "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--image-size", "63",
-         "--no-compile", "--output", out, "--bf16", "--peak-tflops", "1", "--steps-per-call", "2"],
+        [
+            SCRIPT,
+            "--batch-sizes",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--image-size",
+            "63",
+            "--no-compile",
+            "--output",
+            out,
+            "--bf16",
+            "--peak-tflops",
+            "1",
+            "--steps-per-call",
+            "2",
+        ],
     )
     assert done.returncode == 0, done.stderr
     return done, json.loads(out.read_text())

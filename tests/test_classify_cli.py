@@ -17,7 +17,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_python
 from PIL import Image
 
 from alexnet_jax import predict, save_variables, torch_to_flax
@@ -32,6 +31,8 @@ from alexnet_jax.classify import (
 )
 from alexnet_jax.images import ImageReadError, load_image, walk_images
 
+from helpers import REPO, run_python
+
 CLASSIFY = REPO / "examples" / "classify.py"
 SAMPLES = REPO / "alexnet_jax" / "samples"
 
@@ -44,7 +45,10 @@ def write_bomb_png(path: Path) -> Path:
     """A 180-byte PNG that declares 20000x20000 pixels, over twice Pillow's MAX_IMAGE_PIXELS."""
     header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # 8-bit grayscale
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"")) + _png_chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b""))
+        + _png_chunk(b"IEND", b"")
     )
     return path
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, run_python
 
 from alexnet_jax import AlexNet, load_variables
+
+from helpers import REPO, run_python
 
 SCRIPT = REPO / "convert" / "torch_to_flax.py"
 
@@ -210,8 +211,11 @@ def test_download_with_a_wrong_hash_is_refused(files, tmp_path, capsys, monkeypa
 def test_no_network_is_one_clear_line(tmp_path):
     # Port 9 on loopback refuses the connection, as an offline machine would.
     result = _run(
-        "--url", "http://127.0.0.1:9/alexnet-owt-7be5be79.pth", "--no-progress",
-        cwd=tmp_path, env={"TORCH_HOME": str(tmp_path / "th")},
+        "--url",
+        "http://127.0.0.1:9/alexnet-owt-7be5be79.pth",
+        "--no-progress",
+        cwd=tmp_path,
+        env={"TORCH_HOME": str(tmp_path / "th")},
     )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()

@@ -83,7 +83,12 @@ def test_every_problem_is_listed_in_one_error(state_dict):
         torch_to_flax(bad)
     message = str(e.value)
     assert "\n" not in message
-    for name in ("classifier.6.bias", "features.8.weight", "fc.weight", "features.0.weight: got (64, 3, 5, 5), expected (64, 3, 11, 11)"):
+    for name in (
+        "classifier.6.bias",
+        "features.8.weight",
+        "fc.weight",
+        "features.0.weight: got (64, 3, 5, 5), expected (64, 3, 11, 11)",
+    ):
         assert name in message
 
 
@@ -126,9 +131,15 @@ def test_not_a_mapping(obj):
 def test_flax_tree_checked_too(flax_variables):
     variables = flax_variables()
     params = dict(variables["params"])
-    params["classifier_4"] = {"kernel": params["classifier_4"]["kernel"][:, :100], "bias": params["classifier_4"]["bias"]}
+    params["classifier_4"] = {
+        "kernel": params["classifier_4"]["kernel"][:, :100],
+        "bias": params["classifier_4"]["bias"],
+    }
     del params["features_10"]
-    with pytest.raises(ConversionError, match="missing 2: features_10/kernel, features_10/bias.*classifier_4/kernel: got \\(4096, 100\\)"):
+    with pytest.raises(
+        ConversionError,
+        match="missing 2: features_10/kernel, features_10/bias.*classifier_4/kernel: got \\(4096, 100\\)",
+    ):
         flax_to_torch({"params": params})
 
 

@@ -53,7 +53,10 @@ def test_classes_and_samples_match_torchvision_imagefolder(folder, torchvision):
     [
         (lambda root: None, "no such folder"),
         (lambda root: root.mkdir(), "no class folders"),
-        (lambda root: (root / "a").mkdir(parents=True) or (root / "b").mkdir(), "no image files in class folder\\(s\\) a, b"),
+        (
+            lambda root: (root / "a").mkdir(parents=True) or (root / "b").mkdir(),
+            "no image files in class folder\\(s\\) a, b",
+        ),
     ],
 )
 def test_unusable_folders_are_one_line_errors(tmp_path, setup, message):

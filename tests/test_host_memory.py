@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+
 from helpers import run_python
 
 glibc_linux = pytest.mark.skipif(

@@ -22,14 +22,28 @@ def test_parameter_count_matches_torchvision_record(variables):
 
 def test_layer_names_follow_torchvision_modules(variables):
     assert sorted(variables["params"]) == sorted(
-        ["features_0", "features_3", "features_6", "features_8", "features_10", "classifier_1", "classifier_4", "classifier_6"]
+        [
+            "features_0",
+            "features_3",
+            "features_6",
+            "features_8",
+            "features_10",
+            "classifier_1",
+            "classifier_4",
+            "classifier_6",
+        ]
     )
     assert check_variables(variables) == 1000
 
 
 @pytest.mark.parametrize(
     "size, conv1, relu5",
-    [((224, 224), (55, 55), (13, 13)), ((227, 227), (56, 56), (13, 13)), ((256, 320), (63, 79), (15, 19)), ((63, 63), (15, 15), (3, 3))],
+    [
+        ((224, 224), (55, 55), (13, 13)),
+        ((227, 227), (56, 56), (13, 13)),
+        ((256, 320), (63, 79), (15, 19)),
+        ((63, 63), (15, 15), (3, 3)),
+    ],
 )
 def test_activation_shapes(variables, size, conv1, relu5):
     # conv1 at 224 is 55x55 only with torchvision's explicit padding 2; 'SAME' would give 56x56.
@@ -108,7 +122,9 @@ def test_max_pool_gradient_matches_torch_ties_included(shape):
     yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
     np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
     # Overlapping windows add in another order than torch: float32 rounding of a few terms.
-    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(
+        np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=0, atol=2e-6
+    )
 
 
 def test_max_pool_forward_mode_is_the_transpose_of_its_gradient():

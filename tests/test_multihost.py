@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_python
-from test_parallel import _relative_difference
-from test_train_loop import _colour_folder
 
 from alexnet_jax import load_variables
 from alexnet_jax.train import TrainConfig, read_metrics, train_and_evaluate
+
+from helpers import REPO, run_python
+from test_parallel import _relative_difference
+from test_train_loop import _colour_folder
 
 SCRIPT = REPO / "examples" / "train.py"
 # What is under test is the processes agreeing, not the convolution: XLA's compiles in a
@@ -41,7 +42,11 @@ def _free_port() -> int:
 
 def _env() -> dict[str, str]:
     # One CPU device per process; the parent's forced device count must not leak in.
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    }
     return {**env, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
@@ -54,9 +59,29 @@ def data(tmp_path_factory):
 def _args(data, workdir: Path) -> list[str]:
     train, val = data
     return [
-        "--data", str(train), "--val-data", str(val), "--workdir", str(workdir), "--epochs", "1",
-        "--batch-size", "8", "--lr", "0.01", "--image-size", "64", "--save-every", "0", "--keep", "1",
-        "--workers", "0", "--no-progress", "--conv-algorithm", CONV_ALGORITHM,
+        "--data",
+        str(train),
+        "--val-data",
+        str(val),
+        "--workdir",
+        str(workdir),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--image-size",
+        "64",
+        "--save-every",
+        "0",
+        "--keep",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--conv-algorithm",
+        CONV_ALGORITHM,
     ]
 
 
@@ -65,9 +90,24 @@ def _two_processes(args: list[str], timeout: float) -> list[tuple[int, str, str]
     port, procs = _free_port(), []
     try:
         for i in range(2):
-            cmd = [sys.executable, str(SCRIPT), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}",
-                   "--num-processes", "2", "--process-id", str(i), "--init-timeout", "60"]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            cmd = [
+                sys.executable,
+                str(SCRIPT),
+                *args,
+                "--parallel",
+                "sharded",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--init-timeout",
+                "60",
+            ]
+            procs.append(
+                subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            )
         deadline = time.monotonic() + timeout
         outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
     finally:
@@ -82,8 +122,18 @@ def test_two_processes_end_with_the_parameters_of_one(data, tmp_path):
     """Dropout is on: the sharded jit draws the masks of the global batch, the same in both runs."""
     train, val = data
     single = train_and_evaluate(
-        TrainConfig(data=str(train), val_data=str(val), epochs=1, batch_size=8, lr=0.01, image_size=64,
-                    save_every=0, keep=1, progress=False, conv_algorithm=CONV_ALGORITHM),
+        TrainConfig(
+            data=str(train),
+            val_data=str(val),
+            epochs=1,
+            batch_size=8,
+            lr=0.01,
+            image_size=64,
+            save_every=0,
+            keep=1,
+            progress=False,
+            conv_algorithm=CONV_ALGORITHM,
+        ),
         tmp_path / "single",
     )
 
@@ -109,8 +159,19 @@ def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
 
 def test_an_unreachable_coordinator_fails_fast_with_one_line(data, tmp_path):
     started = time.monotonic()
-    run = _run(_args(data, tmp_path / "w") + ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
-                                               "--process-id", "1", "--init-timeout", "2"])
+    run = _run(
+        _args(data, tmp_path / "w")
+        + [
+            "--coordinator",
+            f"127.0.0.1:{_free_port()}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            "1",
+            "--init-timeout",
+            "2",
+        ]
+    )
     assert run.returncode == 1, run.stderr
     assert "not reachable within 2 s" in run.stderr and "Traceback" not in run.stderr
     assert time.monotonic() - started < 30

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+
 from helpers import REPO, run_python
 
 DEVICES = 4
@@ -34,11 +35,13 @@ def _batches(n: int = STEPS):
         mask = np.ones(BATCH, np.float32)
         if step == 1:
             mask[5:] = 0  # padding in the last shards only: a mean of per-device means would be wrong
-        out.append({
-            "image": rng.standard_normal((BATCH, SIZE, SIZE, 3)).astype(np.float32),
-            "label": rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32),
-            "mask": mask,
-        })
+        out.append(
+            {
+                "image": rng.standard_normal((BATCH, SIZE, SIZE, 3)).astype(np.float32),
+                "label": rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32),
+                "mask": mask,
+            }
+        )
     return out
 
 
@@ -87,8 +90,12 @@ def _child() -> dict:
     reference, ref_losses, _ = run("none")
     out = {"moved": _relative_difference(start, reference), "variants": {}}
     # pmap with micro-batches runs the same split as the two others; left out to keep the test short.
-    for name, mode, micro in (("pmap", "pmap", 1), ("sharded", "sharded", 1), ("accumulate", "none", 2),
-                              ("sharded_accumulate", "sharded", 2)):
+    for name, mode, micro in (
+        ("pmap", "pmap", 1),
+        ("sharded", "sharded", 1),
+        ("accumulate", "none", 2),
+        ("sharded_accumulate", "sharded", 2),
+    ):
         params, losses, sharding = run(mode, micro)
         out["variants"][name] = {
             "params": _relative_difference(params, reference),
@@ -98,7 +105,8 @@ def _child() -> dict:
     out["explicit_mesh"] = _explicit_mesh(start, batches[0]["image"])
     # pmap needs one mapped argument; the device index comes from the axis, not from it.
     keys = jax.pmap(lambda rng, _: dropout_key(rng, 3, PMAP_AXIS), axis_name=PMAP_AXIS, in_axes=(None, 0))(
-        jax.random.PRNGKey(0), np.arange(DEVICES))
+        jax.random.PRNGKey(0), np.arange(DEVICES)
+    )
     out["distinct_device_keys"] = len({tuple(k) for k in np.asarray(keys).tolist()})
     return out
 
@@ -116,7 +124,7 @@ def _explicit_mesh(params, x) -> dict:
     out = {"axis_types": str(mesh.axis_types)}
     for algorithm in ("xla", "winograd"):
         model = AlexNet(num_classes=NUM_CLASSES, conv_algorithm=algorithm)
-        grad = jax.grad(lambda v, x: jax.nn.log_softmax(model.apply(v, x))[:, 0].sum())
+        grad = jax.grad(lambda v, x, model=model: jax.nn.log_softmax(model.apply(v, x))[:, 0].sum())
         logits, grads = jax.jit(model.apply)(variables, x), jax.jit(grad)(variables, x)
         with jax.set_mesh(mesh):
             xs = jax.device_put(x, NamedSharding(mesh, P("data")))
@@ -132,8 +140,10 @@ def _explicit_mesh(params, x) -> dict:
 
 @pytest.fixture(scope="module")
 def result():
-    env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
-           "JAX_PLATFORMS": "cpu"}
+    env = {
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
+        "JAX_PLATFORMS": "cpu",
+    }
     run = run_python([__file__], env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -152,7 +162,10 @@ def test_parallel_and_accumulated_steps_equal_single_device_steps(result, varian
 
 
 def test_the_sharded_state_is_replicated_over_the_four_devices(result):
-    assert "P()" in result["variants"]["sharded"]["sharding"] or "PartitionSpec()" in result["variants"]["sharded"]["sharding"]
+    assert (
+        "P()" in result["variants"]["sharded"]["sharding"]
+        or "PartitionSpec()" in result["variants"]["sharded"]["sharding"]
+    )
 
 
 @pytest.mark.parametrize("algorithm", ["xla", "winograd"])

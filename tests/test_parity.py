@@ -154,7 +154,9 @@ def test_the_reference_copy_equals_torchvision(torchvision, torchvision_state_di
     state_dict = torchvision_state_dict(0)
     copy = _vendored_alexnet_class()()
     copy.load_state_dict(state_dict, strict=True)
-    assert [type(m).__name__ for m in copy.modules()] == [type(m).__name__ for m in torchvision.models.alexnet().modules()]
+    assert [type(m).__name__ for m in copy.modules()] == [
+        type(m).__name__ for m in torchvision.models.alexnet().modules()
+    ]
     x = torch.from_numpy(_batch(photos, (256, 320)).transpose(0, 3, 1, 2))
     with torch.no_grad():
         np.testing.assert_array_equal(copy.eval()(x).numpy(), _torch_model(torchvision, state_dict)(x).numpy())

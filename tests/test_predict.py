@@ -133,7 +133,9 @@ def test_predict_matches_torchvision(variables, images, torch_run):
     reference_logits, _ = torch_run
     _assert_close(predict_logits(variables, images, batch_size=4), reference_logits, "logits")
     reference_probabilities = np.asarray(jax.nn.softmax(reference_logits, axis=-1))
-    for prediction, ref_logits, ref_probs in zip(predict(variables, images, batch_size=4), reference_logits, reference_probabilities):
+    for prediction, ref_logits, ref_probs in zip(
+        predict(variables, images, batch_size=4), reference_logits, reference_probabilities
+    ):
         expected = np.argsort(-ref_logits, kind="stable")[:5]
         assert prediction.indices == tuple(expected)
         assert prediction.labels == tuple(IMAGENET_CLASSES[i] for i in expected)

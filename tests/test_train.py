@@ -113,7 +113,13 @@ def test_step_schedule_is_torchvision_steplr():
 def test_plateau_drops_only_after_patience_without_improvement():
     plateau = Plateau(patience=2)
     assert [plateau.update(v) for v in (0.1, 0.2, 0.2, 0.15, 0.3, 0.1, 0.1)] == [
-        False, False, False, True, False, False, True,
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
     ]
 
 
@@ -129,7 +135,10 @@ def test_set_learning_rate_changes_the_next_update(params):
 def test_dropout_key_depends_on_step_only(params):
     """Same state and batch at the same step give the same result; a different step gives another mask."""
     model = AlexNet(num_classes=NUM_CLASSES, conv_algorithm=LOOP_TESTS_CONV)
-    make = lambda step: create_train_state(model, _copy(params), make_optimizer(0.01), seed=3).replace(step=step)
+
+    def make(step):
+        return create_train_state(model, _copy(params), make_optimizer(0.01), seed=3).replace(step=step)
+
     batch = _batch(5)
     _, a = train_step(make(0), batch)
     _, b = train_step(make(0), batch)
@@ -167,10 +176,9 @@ def test_eval_step_sums_ignore_masked_examples(params):
     assert got["count"] == 4
     assert got["loss"] == pytest.approx(float(expected_loss), rel=1e-5)
     assert got["top1"] == pytest.approx(np.mean(order[:, 0] == batch["label"][:4]))
-    assert got["top5"] == pytest.approx(np.mean([l in o[:5] for l, o in zip(batch["label"][:4], order)]))
+    assert got["top5"] == pytest.approx(np.mean([label in o[:5] for label, o in zip(batch["label"][:4], order)]))
 
 
 def test_summarize_eval_refuses_an_empty_evaluation():
     with pytest.raises(ValueError, match="no validation example"):
         summarize_eval([{"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}])
-

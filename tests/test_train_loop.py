@@ -11,7 +11,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import run_python
 from PIL import Image
 
 from alexnet_jax import AlexNet, load_variables, save_variables
@@ -24,6 +23,8 @@ from alexnet_jax.train import (
     read_metrics,
     train_and_evaluate,
 )
+
+from helpers import run_python
 
 COLORS = ((220, 40, 40), (40, 200, 40), (40, 40, 220))  # one class per dominant colour: learnable in a few steps
 
@@ -50,8 +51,16 @@ def _config(data, **kw) -> TrainConfig:
     # XLA's convolution unless a test asks for the default: these tests are about the loop,
     # and it compiles in a fraction of the Winograd layers' seconds.
     defaults = dict(
-        data=str(train), val_data=str(val), epochs=2, batch_size=6, lr=0.01, image_size=64,
-        save_every=3, keep=1, progress=False, conv_algorithm="xla",
+        data=str(train),
+        val_data=str(val),
+        epochs=2,
+        batch_size=6,
+        lr=0.01,
+        image_size=64,
+        save_every=3,
+        keep=1,
+        progress=False,
+        conv_algorithm="xla",
     )
     return TrainConfig(**{**defaults, **kw})
 
@@ -135,9 +144,23 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_reports_bad_input_in_one_line(data, tmp_path):
     train, val = data
-    base = ["--data", str(train), "--val-data", str(val), "--workdir", str(tmp_path / "w"), "--no-progress", "--batch-size", "6"]
+    base = [
+        "--data",
+        str(train),
+        "--val-data",
+        str(val),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--no-progress",
+        "--batch-size",
+        "6",
+    ]
     cases = [
-        (["--data", str(tmp_path / "nope"), "--val-data", str(val), "--workdir", str(tmp_path / "w")], 1, "no such folder"),
+        (
+            ["--data", str(tmp_path / "nope"), "--val-data", str(val), "--workdir", str(tmp_path / "w")],
+            1,
+            "no such folder",
+        ),
         ([*base, "--image-size", "32"], 2, "at least 63"),
         ([*base, "--resume"], 1, "no checkpoint to resume from"),
         ([*base, "--batch-size", "100"], 1, "less than one batch of 100"),

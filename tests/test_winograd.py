@@ -38,7 +38,11 @@ def test_too_many_points_is_a_clear_error():
 
 def _xla_conv(x, kernel, padding):
     return lax.conv_general_dilated(
-        x, kernel, (1, 1), [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        x,
+        kernel,
+        (1, 1),
+        [(padding, padding)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=lax.Precision.HIGHEST,
     )
 
