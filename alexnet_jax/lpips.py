@@ -158,8 +158,9 @@ def upsample_matrix(size: int, out: int) -> np.ndarray:
     Output i reads input src = (size/out) * (i + 0.5) - 0.5, clamped at 0, between
     floor(src) and the next index (the last one repeats), weighted by distance; the
     arithmetic is float32, as torch's CPU kernel does it, so the indices and weights
-    are torch's. Upsampling only, as lpips uses it: no antialiasing (unlike
-    `jax.image.resize`). **Returns:** float32 (out, size); the identity when size == out.
+    are torch's. lpips only upsamples (every map is smaller than the input), where
+    `jax.image.resize(..., "bilinear")` agrees to float32 rounding; for downsampling it
+    would antialias and this would not. **Returns:** float32 (out, size); the identity when size == out.
     """
     if size == out:
         return np.eye(out, dtype=np.float32)
