@@ -50,7 +50,7 @@ from .images import ImageReadError, is_image_name, load_image
 from .io import atomic_write_bytes
 from .model import CONV_LAYERS, TRUNK_LAYERS, trunk_features, trunk_min_size
 from .predict import DEFAULT_BATCH_SIZE, padded_size
-from .preprocess import _to_unit_float, to_model_mode
+from .preprocess import to_model_mode, to_unit_float
 
 VERSIONS = ("0.0", "0.1")
 DEFAULT_VERSION = "0.1"  # lpips's default, and what papers mean by "LPIPS (AlexNet)"
@@ -307,7 +307,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"cannot convert to RGB ({type(e).__name__}: {e})") from None
     if array.dtype == np.uint8:
         return (array / 127.5 - 1.0).astype(np.float32)
-    x = 2 * _to_unit_float(array) - 1
+    x = 2 * to_unit_float(array) - 1
     return np.repeat(x[:, :, None], 3, axis=2) if x.ndim == 2 else x
 
 
