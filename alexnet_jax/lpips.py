@@ -63,6 +63,8 @@ CHANNELS = tuple(out for _, out, *_ in CONV_LAYERS)  # 64, 192, 384, 256, 256
 # lpips's state_dict names for the five linear layers, and their (1, C, 1, 1) shapes.
 LIN_NAMES = tuple(f"lin{k}.model.1.weight" for k in range(len(TRUNK_LAYERS)))
 LIN_SHAPES = {name: (1, c, 1, 1) for name, c in zip(LIN_NAMES, CHANNELS, strict=True)}
+# torchvision's features.N -> lpips's `net.slice<k>` that holds it (lpips/pretrained_networks.py).
+TORCH_SLICES = {index: k for k, (index, *_) in enumerate(CONV_LAYERS, start=1)}
 
 
 def check_lin_weights(arrays: Mapping[str, Any], what: str) -> None:
@@ -288,6 +290,30 @@ class PairResult:
     path1: Path
     distance: float | None = None
     error: str | None = None
+
+
+def torch_reference(state_dict: Mapping[str, Any], version: str = DEFAULT_VERSION):
+    """The lpips package's `LPIPS(net="alex")` with torchvision AlexNet's `state_dict` as its trunk, in eval mode.
+
+    What the tests and `benchmarks/lpips_benchmark.py` compare against; needs torch and lpips
+    (a test dependency), and torchvision importable, which lpips imports. Linear weights are
+    lpips's own for `version`. **Returns:** the torch module, `model(x0, x1)` on NCHW tensors.
+    """
+    import warnings
+
+    import lpips as lpips_package
+
+    _check_version(version)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchvision: 'pretrained' is deprecated
+        model = lpips_package.LPIPS(net="alex", version=version, pnet_rand=True, verbose=False)
+    trunk = {}
+    for name, value in state_dict.items():
+        if name.startswith("features."):
+            _, index, rest = name.split(".", 2)
+            trunk[f"slice{TORCH_SLICES[int(index)]}.{index}.{rest}"] = value
+    model.net.load_state_dict(trunk, strict=True)
+    return model.eval()
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
