@@ -13,6 +13,7 @@ from .host_memory import keep_freed_memory
 from .io import load_variables, save_variables
 from .labels import IMAGENET_CLASSES
 from .model import AlexNet, replace_head, trunk_features
+from .model2012 import AlexNet2012
 from .predict import Prediction, features, predict, predict_logits
 from .preprocess import CROP_SIZE, MEAN_RGB, RESIZE_SIZE, STDDEV_RGB, preprocess, preprocess_batch
 from .pretrained import load_model
@@ -34,6 +35,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AlexNet",
+    "AlexNet2012",
     "ConversionError",
     "CROP_SIZE",
     "IMAGENET1K_V1",
