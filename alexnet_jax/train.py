@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .archs import COLOUR_PCA_CHOICES, get_arch
 from .augment import EVAL_CROPS, IMAGENET_PCA, ColourPCA
 from .checkpoint import Checkpoints
+from .convert import check_variables
 from .data import (
     ImageFolder,
     check_image_size,
@@ -249,6 +250,8 @@ def _initial_params(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
     if config.init_from is None:
         return init_params(model, seed=config.seed, image_size=get_arch(config.arch).init_size)
     params = load_variables(config.init_from, device=False)["params"]
+    # Weights of the other architecture would fail deep inside the first step: say so here.
+    check_variables(params, config.arch)
     if params["classifier_6"]["kernel"].shape[1] != config.num_classes:
         # Fine-tuning: keep the body, draw a new head for this data set's classes.
         params = replace_head(params, config.num_classes, seed=config.seed)

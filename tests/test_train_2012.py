@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import load_variables
+import alexnet_jax.train as train_loop
+from alexnet_jax import AlexNet, ConversionError, load_variables
 from alexnet_jax.checkpoint import Checkpoints
 from alexnet_jax.convert import variables_architecture
 from alexnet_jax.predict import predict_logits
@@ -24,7 +25,7 @@ from alexnet_jax.steps import (
     set_learning_rate,
     summarize_eval,
 )
-from alexnet_jax.train import TrainConfig, read_metrics
+from alexnet_jax.train import TrainConfig, read_metrics, train_and_evaluate
 
 from helpers import run_python
 
@@ -163,3 +164,14 @@ def test_cli_trains_the_2012_arch_on_two_devices_end_to_end(tmp_path):
     log_probabilities = predict_logits(variables, images, crops=10)  # the arch read from the variables
     loss = -np.mean(log_probabilities[[0, 1], [0, 1]])
     assert loss == pytest.approx(last["val_loss"], rel=1e-4)
+
+
+def test_weights_of_the_other_arch_are_refused_before_training(tmp_path, monkeypatch):
+    # The torchvision model's parameter shapes, traced abstractly: the check reads shapes only.
+    tree = jax.eval_shape(AlexNet(num_classes=2).init, jax.random.key(0), jnp.zeros((1, 63, 63, 3)))
+    monkeypatch.setattr(train_loop, "load_variables", lambda path, device: tree)
+    data, val = _folder(tmp_path / "train", 1, 0), _folder(tmp_path / "val", 1, 1)
+    config = TrainConfig(data=str(data), val_data=str(val), arch="2012", batch_size=2, init_from="tv.msgpack")
+    with pytest.raises(ConversionError, match="is not the 2012 paper's AlexNet2012"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "final.msgpack").exists()
