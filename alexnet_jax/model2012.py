@@ -111,7 +111,11 @@ def stack_sizes(size: int) -> list[int]:
 
 
 def check_input(x: jax.Array) -> None:
-    """Raise ValueError unless x is NHWC RGB whose conv stack ends at 6x6 (227x227 to 230x230)."""
+    """Raise ValueError unless x is NHWC RGB whose conv stack ends at 6x6.
+
+    That is sides of 227 to 258: the strided layers' floors drop what does not fit, as
+    in torch. The paper's crops are 227; 224 ends at 5x5 and is refused, never pooled to fit.
+    """
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"AlexNet2012 expects NHWC images of shape (N, 227, 227, 3), got {x.shape}")
     if stack_sizes(x.shape[1])[-1] != POOL_OUTPUT or stack_sizes(x.shape[2])[-1] != POOL_OUTPUT:
@@ -198,8 +202,8 @@ class AlexNet2012(nn.Module):
             the paper's alpha 1e-4 is torch's alpha=5e-4, and Caffe's bvlc_alexnet
             (alpha 1e-4, k 1 in its prototxt) is lrn_alpha=2e-5, lrn_k=1 here.
 
-    `__call__(x, train=False)`: x float images (N, 227, 227, 3) (228-230 also end at 6x6;
-    anything else, 224 included, is a ValueError). **Returns:** logits (N, num_classes).
+    `__call__(x, train=False)`: x float images (N, 227, 227, 3) (sides up to 258 also end at
+    6x6, as they would in torch; 224 and anything else is a ValueError). **Returns:** logits (N, num_classes).
     """
 
     num_classes: int = 1000
