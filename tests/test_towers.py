@@ -29,8 +29,12 @@ def _relative_difference(a, b) -> float:
     import jax
     import numpy as np
 
-    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y)) / np.max(np.abs(y))), a, b)
-    return max(jax.tree.leaves(diffs))
+    def relative(x, y) -> float:
+        scale = np.max(np.abs(y))
+        diff = np.max(np.abs(x - y))
+        return float(diff / scale) if scale else (0.0 if diff == 0 else float("inf"))
+
+    return max(jax.tree.leaves(jax.tree.map(relative, a, b)))
 
 
 def _collectives(hlo: str) -> dict[str, int]:
@@ -62,8 +66,9 @@ def _child() -> dict:
     apply = jax.jit(tower_apply(model, mesh))
     sharded = {"params": shard_params(mesh, params)}
     want = np.asarray(jax.jit(model.apply)({"params": params}, x[:2]))
-    out["logits"] = _relative_difference(np.asarray(apply(sharded, x[:2])), want)
-    out["collectives"] = _collectives(apply.lower(sharded, x[:2]).compile().as_text())
+    compiled = apply.lower(sharded, x[:2]).compile()
+    out["logits"] = _relative_difference(np.asarray(compiled(sharded, x[:2])), want)
+    out["collectives"] = _collectives(compiled.as_text())
     kernel = sharded["params"]["features_4"]["kernel"]
     out["conv2_shards"] = sorted({tuple(s.data.shape) for s in kernel.addressable_shards})
 
@@ -85,7 +90,7 @@ def _child() -> dict:
     out["step_params"] = _relative_difference(jax.device_get(state.params), jax.device_get(single.params))
     out["step_momentum"] = _relative_difference(jax.device_get(state.opt_state), jax.device_get(single.opt_state))
     out["step_loss"] = abs(float(metrics["loss"]) - float(single_metrics["loss"])) / abs(float(single_metrics["loss"]))
-    out["moved"] = _relative_difference(jax.device_get(single.params), params)
+    out["moved"] = _relative_difference(params, jax.device_get(single.params))
     out["fc6_spec"] = str(state.params["classifier_1"]["kernel"].sharding.spec)
     return out
 
