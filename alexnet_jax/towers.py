@@ -247,15 +247,26 @@ def tower_apply(model: AlexNet2012, mesh: Mesh) -> Callable[..., jax.Array]:
         params = variables["params"]
         mask6, mask7 = model.apply({"params": params}, x.shape[0], train, method=AlexNet2012.dropout_masks, rngs=rngs)
         masks, mask_specs = ((), ()) if mask6 is None else ((mask6, mask7), (P(DATA_AXIS), P(DATA_AXIS, TOWER_AXIS)))
+        specs = (param_specs(params), P(DATA_AXIS), mask_specs)
         forward = jax.shard_map(
-            functools.partial(_tower_forward, model),
-            mesh=mesh,
-            in_specs=(param_specs(params), P(DATA_AXIS), mask_specs),
-            out_specs=P(DATA_AXIS),
+            functools.partial(_tower_forward, model), mesh=mesh, in_specs=specs, out_specs=P(DATA_AXIS)
         )
-        return forward(params, x, masks)
+        return forward(*_constrain(mesh, (params, x, masks), specs))
 
     return apply
+
+
+def _constrain(mesh: Mesh, tree: Any, specs: Any) -> Any:
+    """`tree` laid out as `specs` say: shard_map takes arrays in its in_specs as they are.
+
+    On a mesh with explicit axes (`jax.make_mesh`'s default) shard_map refuses arrays laid
+    out otherwise, so they are resharded; on auto axes a sharding constraint does it.
+    """
+    explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    if explicit:
+        return jax.reshard(tree, shardings)
+    return jax.lax.with_sharding_constraint(tree, shardings)
 
 
 @dataclasses.dataclass(frozen=True)

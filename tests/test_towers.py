@@ -1,7 +1,7 @@
 """The paper's two-GPU layout (`towers.py`) against the single-device AlexNet2012, on forced CPU devices.
 
 One child process (this file as a script, XLA_FLAGS forcing 4 host devices) runs: the
-forward on 2 devices (one tower each), a training step with dropout on over 4 devices
+forward on 2 devices (one tower each; on auto and on explicit mesh axes), a training step with dropout on over 4 devices
 (2 data-parallel pairs of towers), both against the single-device model from the same
 parameters and keys, and counts the collectives in the compiled forward. Tolerance 1e-5
 of each tensor's largest value: the towers sum the same products in another order (fc8's
@@ -69,6 +69,12 @@ def _child() -> dict:
     compiled = apply.lower(sharded, x[:2]).compile()
     out["logits"] = _relative_difference(np.asarray(compiled(sharded, x[:2])), want)
     out["collectives"] = _collectives(compiled.as_text())
+    # The same on a `jax.make_mesh` mesh (explicit axes, JAX's default), where shard_map refuses unplaced inputs.
+    explicit = jax.make_mesh((1, 2), ("data", "model"), devices=jax.devices()[:2])
+    with jax.set_mesh(explicit):
+        on_explicit = jax.jit(tower_apply(model, explicit))({"params": shard_params(explicit, params)}, x[:2])
+    out["explicit_axes"] = str(explicit.axis_types)
+    out["explicit_logits"] = _relative_difference(np.asarray(on_explicit), want)
     kernel = sharded["params"]["features_4"]["kernel"]
     out["conv2_shards"] = sorted({tuple(s.data.shape) for s in kernel.addressable_shards})
 
@@ -108,6 +114,8 @@ def result():
 
 def test_two_towers_give_the_single_device_logits(result):
     assert result["logits"] < TOLERANCE, result
+    assert "Explicit" in result["explicit_axes"]
+    assert result["explicit_logits"] < TOLERANCE, result
 
 
 def test_each_device_holds_its_towers_half(result):
