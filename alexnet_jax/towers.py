@@ -126,8 +126,8 @@ def shard_params(mesh: Mesh, params: Mapping[str, Any]) -> dict[str, Any]:
 
 def state_shardings(mesh: Mesh, tree: Any) -> Any:
     """A `NamedSharding` for every leaf of `tree` (a TrainState, say): the tower layout for parameters
-    and for optimizer leaves that mirror one (momentum, Adam's moments: same module, name and
-    shape), replicated for everything else (step, rng, learning rate).
+    and for optimizer leaves that mirror one (momentum, Adam's moments: under the same module
+    and name, of the same rank), replicated for everything else (step, rng, learning rate).
     """
     _check_mesh(mesh)
 
