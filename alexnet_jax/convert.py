@@ -37,8 +37,8 @@ import numpy as np
 from .model import CONV_LAYERS, HIDDEN, POOL_OUTPUT, AlexNet
 from .model2012 import CONV_LAYERS_2012, AlexNet2012
 
-_POOLED_CHANNELS = CONV_LAYERS[-1][1]  # 256 channels in the 6x6 map that classifier.1 reads (both architectures)
-assert CONV_LAYERS_2012[-1][1] == _POOLED_CHANNELS
+# 256 channels in the 6x6 map that classifier.1 reads: conv5's in both architectures.
+_POOLED_CHANNELS = CONV_LAYERS[-1][1]
 
 
 class ConversionError(ValueError):
