@@ -91,9 +91,9 @@ ARCHS: dict[str, Arch] = {
         model=_alexnet2012,
         image_size=INPUT_SIZE,
         init_size=INPUT_SIZE,
-        # 227-230 end the conv stack at 6x6; the crop comes from a 256x256 image.
+        # 227-258 end the conv stack at 6x6 (the pools round down); crops come from 256x256 images.
         image_sizes=lambda s: s <= 256 and stack_sizes(s)[-1] == _POOL_OUTPUT,
-        size_rule=f"{INPUT_SIZE} to 230 for --arch 2012 (its fully connected layers need a 6x6 conv5 map)",
+        size_rule=f"{INPUT_SIZE} to 256 for --arch 2012 (a crop of its 256x256 images with a 6x6 conv5 map)",
         train_transform=paper_train_transform,
         eval_transform=paper_eval_transform,
         recipe="paper",

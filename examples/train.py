@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--image-size",
         type=int,
-        help="training and eval crop side (default 224, at least 63; 227 for --arch 2012, which takes 227-230)",
+        help="training and eval crop side (default 224, at least 63; 227 for --arch 2012, which takes 227-256)",
     )
     parser.add_argument(
         "--colour-pca",

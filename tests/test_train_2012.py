@@ -109,7 +109,8 @@ def test_arch_defaults_and_refusals():
         pytest.approx(0.01),
     )
     cases = [
-        (dict(arch="2012", image_size=224), r"image-size must be 227 to 230 for --arch 2012 .*got 224"),
+        (dict(arch="2012", image_size=224), r"image-size must be 227 to 256 for --arch 2012 .*got 224"),
+        (dict(arch="2012", image_size=257), r"image-size must be 227 to 256 for --arch 2012 .*got 257"),
         (dict(arch="2012", conv_algorithm="winograd"), "conv-algorithm 'winograd' is not available for --arch 2012"),
         (dict(arch="2013"), "unknown arch '2013'; expected one of torchvision, 2012"),
         (dict(eval_crops=5), "eval-crops must be one of 1, 10, got 5"),
