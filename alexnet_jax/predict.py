@@ -32,7 +32,6 @@ from .augment import EVAL_CROPS
 from .convert import check_variables, variables_architecture
 from .labels import class_names
 from .model import FEATURE_NAMES, AlexNet
-from .preprocess import preprocess_batch
 from .steps import crop_averaged_logits
 from .verify import ParityReport, compare_logits, top_k
 
@@ -74,9 +73,7 @@ def _as_model_input(images: Images, arch: str = "torchvision", crops: int = 1) -
         return np.asarray(images, np.float32)
     if isinstance(images, Image.Image):
         raise TypeError("expected a batch of images (a list), got one PIL image; wrap it in a list")
-    if arch == "torchvision" and crops == 1:
-        return preprocess_batch(images)  # torchvision's transforms, bit for bit
-    spec = get_arch(arch)
+    spec = get_arch(arch)  # "torchvision" at one crop: `preprocess`, torchvision's transforms bit for bit
     arrays = [spec.eval_transform(image, spec.image_size, crops) for image in images]
     if not arrays:
         return np.zeros((0, *((crops,) if crops > 1 else ()), spec.image_size, spec.image_size, 3), np.float32)
