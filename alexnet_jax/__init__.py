@@ -1,4 +1,4 @@
-"""torchvision's AlexNet in JAX/Flax, with a strict, verified bridge for its weights.
+"""torchvision's AlexNet and the 2012 paper's (`AlexNet2012`) in JAX/Flax, with a strict, verified weights bridge.
 
     from alexnet_jax import load_model
     model, variables = load_model("alexnet.msgpack")      # or load_model() for torchvision's weights
@@ -8,11 +8,20 @@ Importing this package changes nothing process-wide; `keep_freed_memory()` is an
 choice for entry scripts (see `alexnet_jax.host_memory`).
 """
 
-from .convert import ConversionError, check_variables, flax_to_torch, torch_to_flax
+from .convert import (
+    ConversionError,
+    check_variables,
+    flax_to_torch,
+    model_for,
+    state_dict_architecture,
+    torch_to_flax,
+    variables_architecture,
+)
 from .host_memory import keep_freed_memory
 from .io import load_variables, save_variables
 from .labels import IMAGENET_CLASSES
 from .model import AlexNet, replace_head, trunk_features
+from .model2012 import AlexNet2012
 from .predict import Prediction, features, predict, predict_logits
 from .preprocess import CROP_SIZE, MEAN_RGB, RESIZE_SIZE, STDDEV_RGB, preprocess, preprocess_batch
 from .pretrained import load_model
@@ -34,6 +43,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AlexNet",
+    "AlexNet2012",
     "ConversionError",
     "CROP_SIZE",
     "IMAGENET1K_V1",
@@ -53,14 +63,17 @@ __all__ = [
     "load_model",
     "load_variables",
     "make_optimizer",
+    "model_for",
     "predict",
     "predict_logits",
     "preprocess",
     "preprocess_batch",
     "replace_head",
     "save_variables",
+    "state_dict_architecture",
     "torch_to_flax",
     "train_and_evaluate",
     "train_step",
     "trunk_features",
+    "variables_architecture",
 ]

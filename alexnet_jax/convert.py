@@ -1,4 +1,10 @@
-"""torchvision AlexNet state_dict <-> Flax variables, by an explicit name table.
+"""AlexNet state_dicts <-> Flax variables, by an explicit name table per architecture.
+
+Two architectures, told apart by their tensors' names and shapes (`state_dict_architecture`,
+`variables_architecture`): "torchvision" is torchvision's AlexNet (`model.AlexNet`),
+"2012" the paper's (`model2012.AlexNet2012`; its torch layout is `reference.py`'s
+`AlexNet2012`: features.0, .4, .8, .10, .12, grouped kernels of shape (out, in/groups, k, k)).
+Whichever of the two a tree is closest to names its problems when it is neither.
 
 Every entry is (torch name, Flax path, transform). Nothing is matched by position
 or reshaped to fit: a tensor of the right size in the wrong place must fail, so
@@ -6,7 +12,8 @@ both directions check the full key set and every shape, and list every problem i
 one error.
 
 The transforms, and why:
-- conv: torch stores OIHW, Flax's `nn.Conv` HWIO.
+- conv: torch stores OIHW, Flax's `nn.Conv` HWIO. Grouped kernels too: both split the
+  output channels into consecutive groups, so (out, in/groups, k, k) -> (k, k, in/groups, out).
 - linear: torch's `nn.Linear` computes x @ W.T with W of shape (out, in); Flax's
   `nn.Dense` computes x @ K with K of shape (in, out). `classifier.4` is 4096x4096,
   where a forgotten transpose passes every shape check, which is why the parity
@@ -19,19 +26,57 @@ The transforms, and why:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from .model import CONV_LAYERS, HIDDEN, POOL_OUTPUT
+from .model import CONV_LAYERS, HIDDEN, POOL_OUTPUT, AlexNet
+from .model2012 import CONV_LAYERS_2012, AlexNet2012
 
-_POOLED_CHANNELS = CONV_LAYERS[-1][1]  # 256 channels in the 6x6 map that classifier.1 reads
+# 256 channels in the 6x6 map that classifier.1 reads: conv5's in both architectures.
+_POOLED_CHANNELS = CONV_LAYERS[-1][1]
 
 
 class ConversionError(ValueError):
-    """A state_dict or variable tree that is not torchvision's AlexNet; the message lists every problem."""
+    """A state_dict or variable tree that is not an AlexNet this package knows; the message lists every problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """One AlexNet layout: its name, how errors call it, its linen model, its convolutions.
+
+    `convs`: (torch index, out channels, kernel, groups) per convolution; the classifier
+    (`classifier.1`, `.4`, `.6`) is the same in both layouts.
+    """
+
+    name: str
+    description: str
+    model: type[nn.Module]
+    convs: tuple[tuple[int, int, int, int], ...]
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "torchvision": Architecture(
+        "torchvision", "torchvision's AlexNet", AlexNet, tuple((i, o, k, 1) for i, o, k, _, _ in CONV_LAYERS)
+    ),
+    "2012": Architecture(
+        "2012",
+        "the 2012 paper's AlexNet2012",
+        AlexNet2012,
+        tuple((i, o, k, g) for i, o, k, _, _, g in CONV_LAYERS_2012),
+    ),
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    """The record of architecture `name` ("torchvision" or "2012"). **Raises:** ValueError for another name."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
 
 
 def _linear_chw_to_flax(w: np.ndarray) -> np.ndarray:
@@ -53,13 +98,16 @@ _TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.nd
 }
 
 
-def _table(num_classes: int) -> list[tuple[str, tuple[str, str], str, tuple[int, ...]]]:
-    """(torch name, flax path, transform, torch shape) for every tensor of AlexNet."""
+def _table(
+    num_classes: int, architecture: str = "torchvision"
+) -> list[tuple[str, tuple[str, str], str, tuple[int, ...]]]:
+    """(torch name, flax path, transform, torch shape) for every tensor of `architecture`'s AlexNet."""
     rows = []
     in_channels = 3
-    for index, out, kernel, _, _ in CONV_LAYERS:
+    for index, out, kernel, groups in get_architecture(architecture).convs:
         module = f"features.{index}"
-        rows.append((f"{module}.weight", (f"features_{index}", "kernel"), "conv", (out, in_channels, kernel, kernel)))
+        shape = (out, in_channels // groups, kernel, kernel)
+        rows.append((f"{module}.weight", (f"features_{index}", "kernel"), "conv", shape))
         rows.append((f"{module}.bias", (f"features_{index}", "bias"), "bias", (out,)))
         in_channels = out
     linears = (
@@ -100,8 +148,20 @@ def _to_numpy(value: Any, name: str) -> np.ndarray:
         raise ConversionError(f"{name}: not an array ({type(value).__name__}): {e}") from e
 
 
-def _check(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+def _check(
+    found: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    what: str,
+    description: str = "torchvision's AlexNet",
+) -> None:
     """Raise one ConversionError that lists every missing, unexpected and mis-shaped entry."""
+    problems, _ = _problems(found, expected)
+    if problems:
+        raise ConversionError(f"{what} is not {description}: " + " | ".join(problems))
+
+
+def _problems(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> tuple[list[str], int]:
+    """(one text per kind of problem: missing, unexpected, mis-shaped; the number of entries at fault)."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     mismatched = [
@@ -117,8 +177,32 @@ def _check(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[in
         problems.append(f"unexpected {len(unexpected)}: {shown}")
     if mismatched:
         problems.append(f"shape mismatch {len(mismatched)}: {'; '.join(mismatched)}")
-    if problems:
-        raise ConversionError(f"{what} is not torchvision's AlexNet: " + " | ".join(problems))
+    return problems, len(missing) + len(unexpected) + len(mismatched)
+
+
+def _match(
+    shapes: Mapping[str, tuple[int, ...]],
+    expected: Callable[[str], Mapping[str, tuple[int, ...]]],
+    what: str,
+    architecture: str | None,
+) -> str:
+    """The architecture whose `expected(name)` shapes `shapes` are, or `architecture` if given and they are.
+
+    **Raises:** ConversionError naming every problem against the closest architecture
+    (torchvision's on a tie), and how far the other one is.
+    """
+    names = [get_architecture(architecture).name] if architecture is not None else list(ARCHITECTURES)
+    results = {name: _problems(shapes, expected(name)) for name in names}
+    for name, (problems, _) in results.items():
+        if not problems:
+            return name
+    best = min(names, key=lambda name: results[name][1])  # min keeps the first of equals
+    others = "".join(
+        f"; nor is it {ARCHITECTURES[name].description} ({results[name][1]} entries wrong)"
+        for name in names
+        if name != best
+    )
+    raise ConversionError(f"{what} is not {ARCHITECTURES[best].description}: " + " | ".join(results[best][0]) + others)
 
 
 def _check_values(arrays: Mapping[str, np.ndarray], allow_nonfinite: bool) -> None:
@@ -151,25 +235,52 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict
     return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
 
-def torch_to_flax(state_dict: Mapping[str, Any], *, allow_nonfinite: bool = False) -> dict[str, Any]:
-    """torchvision AlexNet state_dict -> Flax variables `{"params": ...}` for `alexnet_jax.AlexNet`.
+def _require_mapping(state_dict: Any) -> None:
+    if not isinstance(state_dict, Mapping):
+        raise ConversionError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
 
-    **Arguments:** state_dict maps torchvision names (optionally prefixed `module.`)
-    to torch tensors or numpy arrays; `num_classes` is read from `classifier.6`.
+
+def _state_dict_match(shapes: Mapping[str, tuple[int, ...]], architecture: str | None) -> tuple[str, int]:
+    num_classes = _num_classes(shapes, "classifier.6.weight", axis=0)
+    found = _match(
+        shapes,
+        lambda arch: {name: shape for name, _, _, shape in _table(num_classes, arch)},
+        "state_dict",
+        architecture,
+    )
+    return found, num_classes
+
+
+def state_dict_architecture(state_dict: Mapping[str, Any]) -> str:
+    """Which AlexNet a torch state_dict is: "torchvision" or "2012" (`ARCHITECTURES`), from its names and shapes.
+
+    **Raises:** ConversionError listing every problem when it is neither.
+    """
+    _require_mapping(state_dict)
+    return _state_dict_match({str(k): tuple(np.shape(v)) for k, v in strip_prefix(state_dict).items()}, None)[0]
+
+
+def torch_to_flax(
+    state_dict: Mapping[str, Any], *, allow_nonfinite: bool = False, architecture: str | None = None
+) -> dict[str, Any]:
+    """An AlexNet state_dict -> Flax variables `{"params": ...}` for `AlexNet` or `AlexNet2012`.
+
+    **Arguments:** state_dict maps torch names (optionally prefixed `module.`) to torch
+    tensors or numpy arrays, in torchvision's layout or the 2012 paper's (recognized
+    from the tensors; `architecture` "torchvision" or "2012" insists on one);
+    `num_classes` is read from `classifier.6`.
     **Returns:** a nested dict of numpy arrays, e.g. params["features_0"]["kernel"]
-    of shape (11, 11, 3, 64).
+    of shape (11, 11, 3, 64) (torchvision) or (11, 11, 3, 96) (2012);
+    `variables_architecture` tells which.
     **Raises:** ConversionError listing every missing, unexpected or mis-shaped key,
     or non-finite weights unless `allow_nonfinite`.
     """
-    if not isinstance(state_dict, Mapping):
-        raise ConversionError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
+    _require_mapping(state_dict)
     arrays = {str(k): _to_numpy(v, str(k)) for k, v in strip_prefix(state_dict).items()}
-    shapes = {k: v.shape for k, v in arrays.items()}
-    table = _table(_num_classes(shapes, "classifier.6.weight", axis=0))
-    _check(shapes, {name: shape for name, _, _, shape in table}, "state_dict")
+    arch, num_classes = _state_dict_match({k: v.shape for k, v in arrays.items()}, architecture)
     _check_values(arrays, allow_nonfinite)
     params: dict[str, dict[str, np.ndarray]] = {}
-    for name, (module, leaf), transform, _ in table:
+    for name, (module, leaf), transform, _ in _table(num_classes, arch):
         params.setdefault(module, {})[leaf] = np.ascontiguousarray(_TRANSFORMS[transform][0](arrays[name]))
     return {"params": params}
 
@@ -191,29 +302,56 @@ def _flat_params(variables: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def check_variables(variables: Mapping[str, Any]) -> int:
-    """Check that `variables` is AlexNet's Flax parameter tree; return its num_classes.
-
-    **Raises:** ConversionError listing every missing, unexpected or mis-shaped leaf.
-    """
+def _variables_match(variables: Mapping[str, Any], architecture: str | None) -> tuple[str, int]:
     # np.shape reads a device array's shape without copying it to the host.
     shapes = {k: np.shape(v) for k, v in _flat_params(variables).items()}
     num_classes = _num_classes(shapes, "classifier_6/kernel", axis=1)
-    expected = {"/".join(path): _flax_shape(t, shape) for _, path, t, shape in _table(num_classes)}
-    _check(shapes, expected, "variable tree")
-    return num_classes
+
+    def expected(arch: str) -> dict[str, tuple[int, ...]]:
+        return {"/".join(path): _flax_shape(t, shape) for _, path, t, shape in _table(num_classes, arch)}
+
+    return _match(shapes, expected, "variable tree", architecture), num_classes
+
+
+def check_variables(variables: Mapping[str, Any], architecture: str | None = None) -> int:
+    """Check that `variables` is an AlexNet's Flax parameter tree; return its num_classes.
+
+    Either architecture passes unless `architecture` ("torchvision" or "2012") names one;
+    `variables_architecture` says which it is.
+    **Raises:** ConversionError listing every missing, unexpected or mis-shaped leaf.
+    """
+    return _variables_match(variables, architecture)[1]
+
+
+def variables_architecture(variables: Mapping[str, Any]) -> str:
+    """Which AlexNet a Flax tree (`{"params": ...}` or bare) is for: "torchvision" (`AlexNet`) or "2012".
+
+    **Raises:** ConversionError listing every problem when it is neither.
+    """
+    return _variables_match(variables, None)[0]
+
+
+def model_for(variables: Mapping[str, Any], **fields: Any) -> nn.Module:
+    """The linen model that `variables` are for, with their head size: `AlexNet(...)` or `AlexNet2012(...)`.
+
+    **Arguments:** fields, passed on to the model (dtype, dropout_rate, ...).
+    **Raises:** ConversionError as `check_variables` does.
+    """
+    arch, num_classes = _variables_match(variables, None)
+    return ARCHITECTURES[arch].model(num_classes=num_classes, **fields)
 
 
 def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flax variables -> torchvision state_dict of numpy arrays.
+    """Flax variables of either architecture -> the torch state_dict of numpy arrays.
 
     `torchvision.models.AlexNet(num_classes).load_state_dict({k: torch.from_numpy(v)})`
-    accepts the result. **Raises:** ConversionError as `check_variables` does.
+    accepts a "torchvision" result, `reference.AlexNet2012` a "2012" one.
+    **Raises:** ConversionError as `check_variables` does.
     """
-    num_classes = check_variables(variables)
+    arch, num_classes = _variables_match(variables, None)
     flat = _flat_params(variables)
     # Fresh writable copies: torch.from_numpy warns on (and must not alias) read-only jax buffers.
     return {
         name: np.array(_TRANSFORMS[transform][1](np.asarray(flat["/".join(path)])), order="C", copy=True)
-        for name, path, transform, _ in _table(num_classes)
+        for name, path, transform, _ in _table(num_classes, arch)
     }

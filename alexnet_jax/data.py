@@ -1,10 +1,14 @@
-"""ImageFolder input pipeline: torchvision's class rule and transforms, Grain workers, exact resume.
+"""ImageFolder input pipeline: torchvision's class rule, each architecture's transforms, Grain workers, exact resume.
 
 Layout `root/<class>/<image>`; class indices come from the sorted class folder names,
-as in `torchvision.datasets.ImageFolder`. Train images get torchvision's reference
-augmentation (RandomResizedCrop(S, scale 0.08-1, ratio 3/4-4/3) + horizontal flip);
-eval images get `alexnet_jax.preprocess` (resize 256, center crop 224), scaled for
-other sizes S to resize round(S * 256 / 224), crop S.
+as in `torchvision.datasets.ImageFolder`. The transforms are the architecture's
+(`archs.ARCHS`, written in `alexnet_jax.augment`). For "torchvision", train images get
+torchvision's reference augmentation (RandomResizedCrop(S, scale 0.08-1, ratio
+3/4-4/3) + horizontal flip); eval images get `alexnet_jax.preprocess` (resize 256,
+center crop 224), scaled for other sizes S to resize round(S * 256 / 224), crop S. For
+"2012", the paper's: random S crops of the 256x256 image and their mirrors, plus
+optional PCA colour noise; eval the centre crop. Eval batches can hold ten crops per
+image (TenCrop's order) instead of one.
 
 Determinism: the order of epoch e is a permutation drawn from (seed, e), and the
 augmentation of the example at position i of the run (counted from step 0) from (seed, e, i). Batch t of a
@@ -28,18 +32,29 @@ import grain
 import numpy as np
 from absl import flags
 from PIL import Image
+from tqdm import tqdm
 
+from .archs import get_arch
+
+# torchvision's transforms (train_transform, eval_transform, ...) lived here before `augment.py`;
+# they stay importable from here.
+from .augment import (  # noqa: F401
+    ColourPCA,
+    colour_pca_from_moments,
+    eval_resize_size,
+    eval_transform,
+    paper_square,
+    pixel_moments,
+    random_resized_crop_box,
+    train_transform,
+)
 from .images import ImageReadError, load_image, walk_images
-from .model import MIN_SIZE
-from .preprocess import CROP_SIZE, RESIZE_SIZE, normalize, preprocess, to_model_mode
 
-# torchvision's RandomResizedCrop defaults and its reference recipe's flip probability.
-CROP_SCALE = (0.08, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
-FLIP_PROBABILITY = 0.5
-_CROP_ATTEMPTS = 10  # torchvision tries 10 random boxes before falling back to a center crop
-# Salts that keep the permutation stream and the augmentation stream apart.
-_ORDER, _AUGMENT = 0, 1
+# Images the colour PCA of a folder is estimated from: 1000 x 65,536 pixels pin a 3x3
+# covariance down far below the noise it scales (alpha's standard deviation is 0.1).
+PCA_MAX_IMAGES = 1000
+# Salts that keep the permutation, augmentation and PCA-sample streams apart.
+_ORDER, _AUGMENT, _PCA = 0, 1, 2
 
 
 class DataError(ValueError):
@@ -98,66 +113,31 @@ def _image_files(folder: Path) -> list[str]:
     return [str(path) for path in walk.images]
 
 
-def eval_resize_size(image_size: int) -> int:
-    """torchvision's 256/224 resize-to-crop ratio at another crop size: round(S * 256 / 224)."""
-    return RESIZE_SIZE if image_size == CROP_SIZE else round(image_size * RESIZE_SIZE / CROP_SIZE)
+def check_image_size(image_size: int, arch: str = "torchvision") -> None:
+    """**Raises:** DataError when the architecture `arch` cannot take `image_size` x `image_size` inputs."""
+    try:
+        get_arch(arch).check_image_size(image_size)
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
-def check_image_size(image_size: int) -> None:
-    """**Raises:** DataError when AlexNet cannot take `image_size` x `image_size` inputs."""
-    if image_size < MIN_SIZE:
-        raise DataError(f"image-size must be at least {MIN_SIZE} (AlexNet's smallest input), got {image_size}")
+def colour_pca_from_folder(
+    folder: ImageFolder, *, max_images: int = PCA_MAX_IMAGES, seed: int = 0, progress: bool = False
+) -> ColourPCA:
+    """The paper's colour PCA of a training folder: eigenvalues and eigenvectors of the RGB covariance.
 
-
-def eval_transform(image: Image.Image, image_size: int = CROP_SIZE) -> np.ndarray:
-    """The inference preprocessing at `image_size`: exactly `preprocess` at 224.
-
-    **Returns:** float32 (image_size, image_size, 3), normalized, NHWC.
+    Pixels are those of `paper_square` (the 256x256 images training crops from), on the
+    [0, 1] scale; `max_images` images drawn without replacement by `seed` (all when the
+    folder has fewer) estimate it. Unreadable files are skipped with a warning.
+    **Raises:** DataError when no image could be read.
     """
-    return preprocess(image, resize_size=eval_resize_size(image_size), crop_size=image_size)
-
-
-def random_resized_crop_box(
-    width: int, height: int, rng: np.random.Generator, scale=CROP_SCALE, ratio=CROP_RATIO
-) -> tuple[int, int, int, int]:
-    """torchvision's `RandomResizedCrop.get_params`: a box of random area and aspect ratio.
-
-    **Returns:** (left, top, box width, box height) in pixels.
-    """
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(_CROP_ATTEMPTS):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, w, h
-    # Fallback: the whole image, cropped to the ratio range, centered.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def train_transform(image: Image.Image, image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """RandomResizedCrop(image_size) + horizontal flip (p 0.5), then `preprocess`'s normalization.
-
-    **Returns:** float32 (image_size, image_size, 3), normalized, NHWC.
-    """
-    image = to_model_mode(image)
-    left, top, w, h = random_resized_crop_box(*image.size, rng)
-    # crop, then resize (torchvision's resized_crop), with PIL's antialiasing bilinear.
-    image = image.crop((left, top, left + w, top + h)).resize((image_size, image_size), Image.BILINEAR)
-    if rng.uniform() < FLIP_PROBABILITY:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return normalize(np.asarray(image))
+    order = np.random.default_rng([seed, _PCA]).permutation(len(folder))[:max_images]
+    paths = [folder.samples[i][0] for i in sorted(order)]
+    images = (_read(p) for p in tqdm(paths, desc="colour PCA", unit="image", disable=not progress))
+    count, total, outer = pixel_moments(paper_square(image) for image in images if image is not None)
+    if count == 0:
+        raise DataError(f"{folder.root}: no readable image to compute the colour PCA from")
+    return colour_pca_from_moments(count, total, outer)
 
 
 def _read(path: str) -> Image.Image | None:
@@ -180,6 +160,9 @@ class _BatchLoader:
     steps_per_epoch: int = 0
     shard_index: int = 0
     shard_count: int = 1
+    arch: str = "torchvision"  # a key of archs.ARCHS: whose transforms
+    crops: int = 1  # eval only: 1 or 10 crops per image
+    colour_pca: ColourPCA | None = None  # train only: the paper's colour noise, after the crop and flip
 
     def _positions(self, step: int) -> tuple[int, np.ndarray]:
         # (epoch, sample indices of this process's part of global batch `step`, -1 for padding).
@@ -195,8 +178,9 @@ class _BatchLoader:
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         epoch, indices = self._positions(int(step))
-        size = self.image_size
-        images = np.zeros((len(indices), size, size, 3), np.float32)
+        size, arch = self.image_size, get_arch(self.arch)
+        crops = () if self.train or self.crops == 1 else (self.crops,)
+        images = np.zeros((len(indices), *crops, size, size, 3), np.float32)
         labels = np.zeros(len(indices), np.int32)
         mask = np.zeros(len(indices), np.float32)
         skipped = 0
@@ -211,9 +195,11 @@ class _BatchLoader:
                     raise ImageReadError("unreadable")
                 if self.train:
                     rng = np.random.default_rng([self.seed, _AUGMENT, epoch, first + j])
-                    images[j] = train_transform(image, size, rng)
+                    images[j] = arch.train_transform(image, size, rng)
+                    if self.colour_pca is not None:
+                        images[j] = self.colour_pca.apply(images[j], rng)
                 else:
-                    images[j] = eval_transform(image, size)
+                    images[j] = arch.eval_transform(image, size, self.crops)
             except (ImageReadError, OSError, ValueError) as e:
                 # A decoded image that PIL cannot convert or resize (a truncated tail read
                 # lazily, say) is skipped like an unreadable one; `_read` warned for those.
@@ -269,23 +255,36 @@ def train_batches(
     workers: int = 0,
     shard_index: int = 0,
     shard_count: int = 1,
+    arch: str = "torchvision",
+    colour_pca: ColourPCA | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Training batches for steps `start_step` .. `num_steps - 1`, across epochs.
 
     `batch_size` is the global batch; with `shard_count` processes, process
     `shard_index` gets its contiguous 1/shard_count part of every global batch (the
     hook for multi-host training). `workers` > 0 decodes in that many processes.
+    `arch` picks the transforms (`archs.ARCHS`); `colour_pca` adds its noise to every
+    image (drawn after the crop and flip, from the same per-example generator).
     **Yields:** {"image": float32 (B, S, S, 3), "label": int32 (B,), "mask": float32
     (B,), "skipped": int32 ()} with B = batch_size // shard_count.
     """
-    check_image_size(image_size)
+    check_image_size(image_size, arch)
     if batch_size % shard_count:
         raise DataError(f"batch size {batch_size} does not split over {shard_count} processes")
     per_epoch = steps_per_epoch(len(folder), batch_size)
     if per_epoch == 0:
         raise DataError(f"{folder.root}: {len(folder)} images is less than one batch of {batch_size}")
     loader = _BatchLoader(
-        folder.samples, image_size, batch_size // shard_count, True, seed, per_epoch, shard_index, shard_count
+        folder.samples,
+        image_size,
+        batch_size // shard_count,
+        True,
+        seed,
+        per_epoch,
+        shard_index,
+        shard_count,
+        arch=arch,
+        colour_pca=colour_pca,
     )
     return _iterate(loader, start_step, num_steps, workers)
 
@@ -298,13 +297,18 @@ def eval_batches(
     workers: int = 0,
     shard_index: int = 0,
     shard_count: int = 1,
+    arch: str = "torchvision",
+    crops: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every image of `folder` once, in folder order, with `eval_transform`; the last batch is padded (mask 0).
+    """Every image of `folder` once, in folder order, with `arch`'s eval transform; the last batch is padded (mask 0).
 
-    **Yields:** the same dicts as `train_batches`.
+    **Yields:** the same dicts as `train_batches`; with `crops=10` "image" is
+    (B, 10, S, S, 3), TenCrop's crops of each image (`augment.ten_crop`).
     """
-    check_image_size(image_size)
+    check_image_size(image_size, arch)
     if batch_size % shard_count:
         raise DataError(f"batch size {batch_size} does not split over {shard_count} processes")
-    loader = _BatchLoader(folder.samples, image_size, batch_size // shard_count, False, 0, 0, shard_index, shard_count)
+    loader = _BatchLoader(
+        folder.samples, image_size, batch_size // shard_count, False, 0, 0, shard_index, shard_count, arch, crops
+    )
     return _iterate(loader, 0, math.ceil(len(folder) / batch_size), workers)

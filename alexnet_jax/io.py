@@ -109,8 +109,10 @@ def load_variables(path: str | os.PathLike, *, device: bool = True) -> dict[str,
     numpy arrays on the host). Device arrays matter for speed: a jitted apply given
     numpy copies all 244 MB to the device at every call. `check_variables(variables)`
     gives the head's size, `AlexNet(num_classes=...)` needs it; `load_model` does both.
+    Files of the 2012 paper's layout load the same way: `model_for(variables)` builds
+    `AlexNet2012(num_classes=...)` for them (and `AlexNet` for torchvision's).
     **Raises:** FileNotFoundError, or ValueError naming the file when it is
-    truncated, corrupt or not an AlexNet tree.
+    truncated, corrupt or not an AlexNet tree of either architecture.
     """
     path = Path(path)
     if not path.is_file():

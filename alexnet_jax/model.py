@@ -14,7 +14,7 @@ once, so no activation is transposed at run time.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -133,7 +133,14 @@ def check_conv_algorithm(name: str) -> None:
 
 
 def conv2d(
-    x: jax.Array, kernel: jax.Array, bias: jax.Array, *, stride: int = 1, padding: int = 0, algorithm: str = "xla"
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    algorithm: str = "xla",
+    groups: int = 1,
 ) -> jax.Array:
     """One convolution layer as `nn.Conv` computes it, NHWC input and HWIO kernel, plus bias.
 
@@ -141,11 +148,28 @@ def conv2d(
     layers by `winograd.conv` (faster on a CPU, slower to compile; see there); "auto"
     takes Winograd for stride-1 layers in float32/float64 on a CPU backend. The linen
     and NNX models both call this, so they compute the same numbers.
-    **Arguments:** x (N, H, W, C_in), kernel (k, k, C_in, C_out), bias (C_out,), one dtype.
+    `groups` > 1 is torch's `groups` (XLA's `feature_group_count`): output channels
+    [g*C_out/groups, (g+1)*C_out/groups) read input channels [g*C_in/groups, ...) only.
+    Winograd is for ungrouped layers: "winograd" refuses them, "auto" leaves them to XLA.
+    **Arguments:** x (N, H, W, C_in), kernel (k, k, C_in/groups, C_out), bias (C_out,), one dtype.
     **Returns:** (N, H', W', C_out).
     """
     check_conv_algorithm(algorithm)
-    use_winograd = stride == 1 and (algorithm == "winograd" or (algorithm == "auto" and winograd.use_winograd(x.dtype)))
+    if groups < 1 or x.shape[-1] != kernel.shape[2] * groups or kernel.shape[3] % groups:
+        raise ValueError(
+            f"a convolution in {groups} groups needs a kernel of shape (k, k, {x.shape[-1]}/{groups}, "
+            f"a multiple of {groups}) for {x.shape[-1]} input channels, got {kernel.shape}"
+        )
+    if groups > 1 and algorithm == "winograd":
+        raise ValueError(
+            f"conv_algorithm 'winograd' computes ungrouped convolutions only, not one in {groups} groups; "
+            "use 'xla' or 'auto' (which leaves grouped layers to XLA)"
+        )
+    use_winograd = (
+        stride == 1
+        and groups == 1
+        and (algorithm == "winograd" or (algorithm == "auto" and winograd.use_winograd(x.dtype)))
+    )
     if use_winograd:
         y = winograd.conv(x, kernel, padding)
     else:
@@ -155,6 +179,7 @@ def conv2d(
             (stride, stride),
             ((padding, padding), (padding, padding)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
         )
     return y + bias
 
@@ -162,8 +187,9 @@ def conv2d(
 class Conv(nn.Module):
     """`nn.Conv` for square kernels and symmetric padding, computed by `conv2d` with a choice of algorithm.
 
-    Same parameters as `nn.Conv` ('kernel' HWIO with lecun_normal init, 'bias' zeros),
-    so checkpoints and the conversion table do not care which algorithm ran.
+    Same parameters as `nn.Conv` ('kernel' HWIO with lecun_normal init, 'bias' zeros,
+    unless other initializers are given; kernel (k, k, C_in/groups, features) with
+    `groups`), so checkpoints and the conversion table do not care which algorithm ran.
     """
 
     features: int
@@ -173,16 +199,20 @@ class Conv(nn.Module):
     algorithm: str = "xla"
     dtype: Any = None  # as nn.Conv: None computes in the promoted dtype of input and parameters
     param_dtype: Any = jnp.float32
+    groups: int = 1
+    kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+    bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), self.param_dtype
-        )
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        shape = (k, k, x.shape[-1] // self.groups, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return conv2d(x, kernel, bias, stride=self.stride, padding=self.padding, algorithm=self.algorithm)
+        return conv2d(
+            x, kernel, bias, stride=self.stride, padding=self.padding, algorithm=self.algorithm, groups=self.groups
+        )
 
 
 def trunk_sizes(size: int, last: int = len(CONV_LAYERS)) -> list[int]:

@@ -4,6 +4,10 @@
     variables = load_variables("alexnet.msgpack")
     predict(variables, [Image.open("cat.jpg")])[0].labels   # ('tabby', 'tiger cat', ...)
 
+Variables of the paper's `AlexNet2012` (or `arch="2012"`) run with its preprocessing
+(the centre 227 crop of the 256x256 image); `crops=10` averages the softmax over
+TenCrop's ten crops (either arch; see `alexnet_jax.augment`).
+
 Images are run in chunks of `batch_size`. A chunk that is not full is padded with
 zeros to the next power of two (at most `batch_size`), so a folder of any size
 compiles at most ceil(log2(batch_size)) + 1 shapes, and a second call never compiles
@@ -23,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from .convert import check_variables
+from .archs import get_arch
+from .augment import EVAL_CROPS
+from .convert import check_variables, variables_architecture
 from .labels import class_names
 from .model import FEATURE_NAMES, AlexNet
-from .preprocess import preprocess_batch
+from .steps import crop_averaged_logits
 from .verify import ParityReport, compare_logits, top_k
 
 DEFAULT_BATCH_SIZE = 32
@@ -53,20 +59,30 @@ def padded_size(n: int, batch_size: int) -> int:
     return min(batch_size, 1 << (n - 1).bit_length())
 
 
-def _as_model_input(images: Images) -> np.ndarray:
-    """A float (N, H, W, 3) array is taken as already preprocessed; anything else is preprocessed image by image."""
-    if isinstance(images, np.ndarray | jax.Array) and images.ndim == 4 and jnp.issubdtype(images.dtype, jnp.floating):
-        if images.shape[-1] != 3:
-            raise ValueError(f"preprocessed images must be NHWC (N, H, W, 3), got shape {images.shape}")
+def _as_model_input(images: Images, arch: str = "torchvision", crops: int = 1) -> np.ndarray:
+    """A float (N, H, W, 3) array ((N, crops, H, W, 3) for crops > 1) is taken as already preprocessed;
+    anything else is preprocessed image by image, as `arch` evaluates.
+    """
+    if crops not in EVAL_CROPS:
+        raise ValueError(f"crops must be one of {', '.join(map(str, EVAL_CROPS))}, got {crops}")
+    rank = 4 if crops == 1 else 5
+    if isinstance(images, np.ndarray | jax.Array) and images.ndim >= 4 and jnp.issubdtype(images.dtype, jnp.floating):
+        if images.ndim != rank or images.shape[-1] != 3 or (crops > 1 and images.shape[1] != crops):
+            layout = "(N, H, W, 3)" if crops == 1 else f"(N, {crops}, H, W, 3)"
+            raise ValueError(f"preprocessed images must be NHWC {layout}, got shape {images.shape}")
         return np.asarray(images, np.float32)
     if isinstance(images, Image.Image):
         raise TypeError("expected a batch of images (a list), got one PIL image; wrap it in a list")
-    return preprocess_batch(images)
+    spec = get_arch(arch)  # "torchvision" at one crop: `preprocess`, torchvision's transforms bit for bit
+    arrays = [spec.eval_transform(image, spec.image_size, crops) for image in images]
+    if not arrays:
+        return np.zeros((0, *((crops,) if crops > 1 else ()), spec.image_size, spec.image_size, 3), np.float32)
+    return np.stack(arrays)
 
 
 @functools.cache
-def _compiled_logits(num_classes: int, dtype: str) -> Callable:
-    model = AlexNet(num_classes=num_classes, dtype=jnp.dtype(dtype))
+def _compiled_logits(num_classes: int, dtype: str, arch: str = "torchvision") -> Callable:
+    model = get_arch(arch).model(num_classes, dtype=jnp.dtype(dtype))
 
     def logits(variables, x):
         # Softmax and the caller's comparisons want float32 even when the compute is bfloat16.
@@ -104,9 +120,9 @@ def _run_in_chunks(fn: Callable, variables: Mapping[str, Any], x: np.ndarray, ba
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
 
 
-def _params_only(variables: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+def _params_only(variables: Mapping[str, Any], arch: str = "torchvision") -> tuple[dict[str, Any], int]:
     # Only 'params': a stale 'intermediates' collection passed back in would be appended to by sow().
-    num_classes = check_variables(variables)
+    num_classes = check_variables(variables, arch)
     params = variables["params"] if "params" in variables else variables  # check_variables accepts a bare tree too
     return {"params": jax.device_put(params)}, num_classes
 
@@ -117,22 +133,34 @@ def predict_logits(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     dtype: Any = jnp.float32,
+    arch: str | None = None,
+    crops: int = 1,
 ) -> np.ndarray:
     """AlexNet's logits for a batch of images.
 
     **Arguments:** variables `{"params": ...}` (numpy or device arrays; float32 for
     the bfloat16 compute too; when calling many times, `jax.device_put` them once,
     or each call copies them to the device again); images, a list of PIL images / uint8 arrays of any
-    size (preprocessed as torchvision does) or a float array (N, H, W, 3) that is
-    already preprocessed; dtype, the compute dtype (`jnp.bfloat16` computes in
-    bfloat16 with the float32 parameters cast at each layer).
-    **Returns:** float32 array (N, num_classes).
+    size (preprocessed as `arch` evaluates: torchvision's transforms, or the paper's
+    centre crop for "2012") or a float array (N, H, W, 3) that is already preprocessed;
+    dtype, the compute dtype (`jnp.bfloat16` computes in bfloat16 with the float32
+    parameters cast at each layer); arch, a key of `archs.ARCHS` (None: the one the
+    variables are for, `convert.variables_architecture`); crops, 1 or 10 (the
+    softmax averaged over TenCrop's crops; preprocessed input is then (N, 10, H, W, 3)).
+    **Returns:** float32 array (N, num_classes); with crops=10 the log of the averaged
+    softmax (`steps.crop_averaged_logits`), whose softmax is that average.
     """
-    params, num_classes = _params_only(variables)
-    x = _as_model_input(images)
+    arch = variables_architecture(variables) if arch is None else arch
+    params, num_classes = _params_only(variables, arch)
+    x = _as_model_input(images, arch, crops)
     if len(x) == 0:
         return np.zeros((0, num_classes), np.float32)
-    return _run_in_chunks(_compiled_logits(num_classes, jnp.dtype(dtype).name), params, x, batch_size)
+    fn = _compiled_logits(num_classes, jnp.dtype(dtype).name, arch)
+    if crops == 1:
+        return _run_in_chunks(fn, params, x, batch_size)
+    # The crops of an image stay in one chunk: chunks of batch_size images.
+    logits = _run_in_chunks(fn, params, x.reshape((-1, *x.shape[2:])), batch_size * crops)
+    return np.asarray(crop_averaged_logits(jnp.asarray(logits), crops))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -167,13 +195,17 @@ def predict(
     k: int = DEFAULT_TOP_K,
     batch_size: int = DEFAULT_BATCH_SIZE,
     dtype: Any = jnp.float32,
+    arch: str | None = None,
+    crops: int = 1,
 ) -> list[Prediction]:
     """Top-k labels and probabilities for each image, as `predict_logits` takes them.
 
     **Returns:** one `Prediction` per image, in order: `indices`, `labels` and
-    `probabilities` (softmax over all classes), each a k-tuple, most probable first.
+    `probabilities` (softmax over all classes, averaged over the crops with crops=10),
+    each a k-tuple, most probable first.
     """
-    return predictions_from_logits(predict_logits(variables, images, batch_size=batch_size, dtype=dtype), k)
+    logits = predict_logits(variables, images, batch_size=batch_size, dtype=dtype, arch=arch, crops=crops)
+    return predictions_from_logits(logits, k)
 
 
 def features(

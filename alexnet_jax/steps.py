@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -72,6 +72,44 @@ def sgd_torch(learning_rate: float | optax.Schedule, momentum: float = MOMENTUM,
     )
 
 
+class VelocityState(NamedTuple):
+    """The paper's momentum variable v, in units of a parameter change (one array per parameter)."""
+
+    velocity: Any
+
+
+def sgd_paper(learning_rate: float, momentum: float = MOMENTUM, weight_decay: float = 0.0):
+    """Krizhevsky et al. (2012), section 5, exactly: v <- m v - wd lr w - lr dL/dw; w <- w + v.
+
+    With a constant rate this is `sgd_torch` (v = -lr * torch's buffer). They differ when
+    the rate changes: torch's buffer is a sum of gradients, so the next step scales the whole
+    history by the new rate at once; the paper's v is a parameter change, so the steps taken
+    at the old rate fade out through m. The paper's recipe divides the rate by 10 mid-run,
+    so it gets the paper's rule (`make_optimizer(rule="paper")`). `learning_rate` is a
+    number (under `inject_hyperparams`, the current one).
+    """
+
+    def init(params):
+        return VelocityState(jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads, state, params):
+        if params is None:
+            raise ValueError("sgd_paper needs the parameters (weight decay): pass them to update()")
+        velocity = jax.tree.map(
+            lambda v, g, w: (momentum * v - learning_rate * (weight_decay * w + g)).astype(v.dtype),
+            state.velocity,
+            grads,
+            params,
+        )
+        return velocity, VelocityState(velocity)
+
+    return optax.GradientTransformation(init, update)
+
+
+# Momentum rules: `sgd_torch` (torchvision's recipe) and `sgd_paper` (the 2012 paper's).
+UPDATE_RULES = {"torch": sgd_torch, "paper": sgd_paper}
+
+
 def _is_conv(path: tuple[str, ...]) -> bool:
     return path[0].startswith("features_")
 
@@ -88,8 +126,12 @@ def make_optimizer(
     momentum: float = MOMENTUM,
     weight_decay: float = WEIGHT_DECAY,
     freeze_features: bool = False,
+    rule: str = "torch",
 ) -> optax.GradientTransformation:
-    """torch-style SGD whose current learning rate lives in the optimizer state.
+    """SGD with momentum and coupled weight decay whose current learning rate lives in the optimizer state.
+
+    `rule` is the momentum formulation, a key of UPDATE_RULES: "torch" (`sgd_torch`,
+    torch.optim.SGD) or "paper" (`sgd_paper`, the 2012 paper's velocity).
 
     The rate is an injected hyperparameter (`opt_state.hyperparams["learning_rate"]`),
     so it is checkpointed with the state and the paper's plateau rule can change it
@@ -97,8 +139,11 @@ def make_optimizer(
     untouched (no update, no decay) with `optax.multi_transform`.
     """
 
+    if rule not in UPDATE_RULES:
+        raise ValueError(f"unknown update rule {rule!r}; expected one of {', '.join(UPDATE_RULES)}")
+
     def factory(learning_rate):
-        tx = sgd_torch(learning_rate, momentum, weight_decay)
+        tx = UPDATE_RULES[rule](learning_rate, momentum, weight_decay)
         if freeze_features:
             tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, freeze_labels)
         return tx
@@ -239,16 +284,37 @@ def train_step(
     return apply_step(state, batch, micro_steps=micro_steps)
 
 
+def crop_averaged_logits(logits: jax.Array, crops: int) -> jax.Array:
+    """The log of the softmax averaged over each image's crops (the paper's ten-crop test).
+
+    Log-probabilities are logits whose softmax is the averaged probability, so the
+    cross-entropy and top-k of the result are those of the average.
+    **Arguments:** logits (N * crops, C), the crops of an image consecutive.
+    **Returns:** float32 (N, C).
+    """
+    probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.log(jnp.mean(probabilities.reshape((-1, crops) + logits.shape[1:]), axis=1))
+
+
 @jax.jit
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Loss and accuracy of one batch with dropout off, as sums so batches add up.
 
+    **Arguments:** batch with image (N, H, W, 3), or (N, crops, H, W, 3) for a
+    multi-crop evaluation (the softmax averaged over the crops: `crop_averaged_logits`),
+    label (N,), mask (N,).
     **Returns:** {"loss", "top1", "top5", "count"}: the summed cross-entropy, the
     numbers of examples right at top-1 and top-5, and the number of examples with
     mask 1. Divide by the total count (`summarize_eval`) for means.
     """
     mask = batch["mask"].astype(jnp.float32)
-    logits = state.apply_fn({"params": state.params}, batch["image"], train=False)
+    images = batch["image"]
+    if images.ndim == 5:
+        n, crops = images.shape[:2]
+        logits = state.apply_fn({"params": state.params}, images.reshape((n * crops,) + images.shape[2:]), train=False)
+        logits = crop_averaged_logits(logits, crops)
+    else:
+        logits = state.apply_fn({"params": state.params}, images, train=False)
     top1, top5 = _correct(logits, batch["label"])
     return {
         "loss": cross_entropy(logits, batch["label"], mask, count=1.0),  # the sum: divided by 1

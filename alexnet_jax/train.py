@@ -17,17 +17,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from tqdm import tqdm
 
+from .archs import COLOUR_PCA_CHOICES, get_arch
+from .augment import EVAL_CROPS, IMAGENET_PCA, ColourPCA
 from .checkpoint import Checkpoints
-from .data import check_image_size, eval_batches, image_folder, steps_per_epoch, train_batches
+from .convert import check_variables
+from .data import (
+    ImageFolder,
+    check_image_size,
+    colour_pca_from_folder,
+    eval_batches,
+    image_folder,
+    steps_per_epoch,
+    train_batches,
+)
 from .io import atomic_write_bytes, load_variables, save_variables
-from .model import AlexNet, check_conv_algorithm, replace_head
+from .model import check_conv_algorithm, replace_head
 from .parallel import check_parallel_mode, make_parallel
 from .steps import (
-    BASE_BATCH_SIZE,
+    BASE_LR,
     EPOCHS,
     LR_STEP_EPOCHS,
     WEIGHT_DECAY,
@@ -48,7 +60,11 @@ from .steps import (
 PAPER_WEIGHT_DECAY = 5e-4
 PAPER_LR_FACTOR = 0.1
 
-RECIPES = ("torchvision", "paper")
+# Recipe -> momentum rule (`steps.UPDATE_RULES`). The paper's recipe divides the rate by 10
+# mid-run, where torch's formulation and the paper's part ways (`steps.sgd_paper`), so it
+# runs the paper's own rule.
+RECIPE_RULES = {"torchvision": "torch", "paper": "paper"}
+RECIPES = tuple(RECIPE_RULES)
 
 
 @dataclasses.dataclass
@@ -98,11 +114,14 @@ METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 FINAL_VARIABLES_FILE = "final.msgpack"
 CONFIG_FILE = "config.json"
+COLOUR_PCA_FILE = "colour_pca.json"
 CHECKPOINT_DIR = "checkpoints"
 # Fields that decide the trajectory: a resumed run must have the same ones to end where an
 # uninterrupted run would. `epochs` may grow (StepLR does not depend on it); `workers` changes nothing.
 _RUN_DEFINING = (
     "data",
+    "arch",
+    "colour_pca",
     "batch_size",
     "image_size",
     "seed",
@@ -120,8 +139,9 @@ _RUN_DEFINING = (
 
 
 def _run_defining(config: TrainConfig) -> tuple[str, ...]:
-    # The paper's recipe lowers the rate when val top-1 stalls, so there the val set steers too.
-    return _RUN_DEFINING + (("val_data",) if config.recipe == "paper" else ())
+    # The paper's recipe lowers the rate when val top-1 stalls, so there the val set (and how
+    # it is evaluated) steers too.
+    return _RUN_DEFINING + (("val_data", "eval_crops") if config.recipe == "paper" else ())
 
 
 class NonFiniteLossError(RuntimeError):
@@ -130,18 +150,30 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """One training run. `lr=None` means `scaled_lr(batch_size)`; `weight_decay=None` the recipe's."""
+    """One training run. None means the default of `arch` (`archs.ARCHS`) or of the recipe.
+
+    `arch` "torchvision" (torchvision's AlexNet and recipe: image_size 224, batch 256,
+    recipe "torchvision", no colour noise) or "2012" (the paper's: 227, 128, "paper",
+    ImageNet's colour PCA). `lr=None` is 0.01 scaled linearly from the arch's base
+    batch (256 or 128) to `batch_size`; `weight_decay=None` the recipe's.
+    `colour_pca`: "imagenet" (the published eigen-decomposition), "folder" (computed
+    from `data`, written to colour_pca.json) or "none". `eval_crops`: 1 (the centre) or
+    10 (softmax averaged over TenCrop's crops).
+    """
 
     data: str
     val_data: str
     epochs: int = EPOCHS
-    batch_size: int = BASE_BATCH_SIZE
+    batch_size: int | None = None
     lr: float | None = None
-    image_size: int = 224
+    image_size: int | None = None
     init_from: str | None = None
     num_classes: int | None = None  # default: the number of class folders
     seed: int = 0
-    recipe: str = "torchvision"
+    recipe: str | None = None
+    arch: str = "torchvision"
+    colour_pca: str | None = None  # None: the arch's default (a None in config.json means that too)
+    eval_crops: int = 1
     weight_decay: float | None = None
     lr_step_epochs: int = LR_STEP_EPOCHS
     patience: int = 1  # paper recipe: evaluations without a better val top-1 before lr /= 10
@@ -160,41 +192,66 @@ class TrainConfig:
 
     def validate(self) -> None:
         """**Raises:** ValueError naming the first field (as its CLI flag) that no run can use."""
-        check_image_size(self.image_size)
+        arch = get_arch(self.arch)
+        if self.image_size is not None:
+            check_image_size(self.image_size, self.arch)
         for name in ("epochs", "batch_size", "keep", "patience", "lr_step_epochs", "micro_batches"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("save_every", "workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num-classes must be at least 1, got {self.num_classes}")
-        if self.recipe not in RECIPES:
+        if self.recipe is not None and self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
+        if self.colour_pca is not None and self.colour_pca not in COLOUR_PCA_CHOICES:
+            raise ValueError(f"unknown colour-pca {self.colour_pca!r}; expected one of {', '.join(COLOUR_PCA_CHOICES)}")
+        if self.eval_crops not in EVAL_CROPS:
+            raise ValueError(f"eval-crops must be one of {', '.join(map(str, EVAL_CROPS))}, got {self.eval_crops}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.weight_decay is not None and self.weight_decay < 0:
             raise ValueError(f"weight-decay must be at least 0, got {self.weight_decay}")
         check_conv_algorithm(self.conv_algorithm)
+        if self.conv_algorithm not in arch.conv_algorithms:
+            raise ValueError(
+                f"conv-algorithm {self.conv_algorithm!r} is not available for --arch {self.arch}; "
+                f"use one of {', '.join(arch.conv_algorithms)}"
+            )
         check_parallel_mode(self.parallel)
 
+    def with_arch_defaults(self) -> TrainConfig:
+        """A copy with the arch's image size, batch size and recipe where they are None."""
+        arch = get_arch(self.arch)
+        return dataclasses.replace(
+            self,
+            image_size=arch.image_size if self.image_size is None else self.image_size,
+            batch_size=arch.batch_size if self.batch_size is None else self.batch_size,
+            recipe=arch.recipe if self.recipe is None else self.recipe,
+        )
+
     def resolved(self, num_class_folders: int) -> TrainConfig:
-        """A copy with the defaults that depend on the data and the recipe filled in, and paths made absolute."""
+        """A copy with the defaults that depend on the arch, the data and the recipe filled in, paths absolute."""
+        self = self.with_arch_defaults()
+        base_batch = get_arch(self.arch).lr_batch_size
         return dataclasses.replace(
             self,
             data=str(Path(self.data).absolute()),
             val_data=str(Path(self.val_data).absolute()),
             init_from=None if self.init_from is None else str(Path(self.init_from).absolute()),
-            lr=scaled_lr(self.batch_size) if self.lr is None else self.lr,
+            lr=scaled_lr(self.batch_size, BASE_LR, base_batch) if self.lr is None else self.lr,
             weight_decay=default_weight_decay(self.recipe) if self.weight_decay is None else self.weight_decay,
             num_classes=num_class_folders if self.num_classes is None else self.num_classes,
         )
 
 
-def _initial_params(config: TrainConfig, model: AlexNet) -> dict[str, Any]:
+def _initial_params(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
     if config.init_from is None:
-        return init_params(model, seed=config.seed)
+        return init_params(model, seed=config.seed, image_size=get_arch(config.arch).init_size)
     params = load_variables(config.init_from, device=False)["params"]
+    # Weights of the other architecture would fail deep inside the first step: say so here.
+    check_variables(params, config.arch)
     if params["classifier_6"]["kernel"].shape[1] != config.num_classes:
         # Fine-tuning: keep the body, draw a new head for this data set's classes.
         params = replace_head(params, config.num_classes, seed=config.seed)
@@ -276,6 +333,7 @@ def train_and_evaluate(
     (config), NonFiniteLossError.
     """
     config.validate()
+    config = config.with_arch_defaults()
     # Before any data or weights are read: a batch that does not split is a usage error.
     parallel = make_parallel(config.parallel, global_batch=config.batch_size, micro_steps=config.micro_batches)
     train_data = image_folder(config.data)
@@ -305,12 +363,14 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
     total_steps = config.epochs * per_epoch
     _prepare_workdir(workdir, config, resume, checkpoints.latest_step())
 
-    model = AlexNet(num_classes=config.num_classes, conv_algorithm=config.conv_algorithm)
+    model = get_arch(config.arch).model(config.num_classes, config.conv_algorithm)
     tx = make_optimizer(
         lr_for_recipe(config.recipe, config.lr, per_epoch, step_epochs=config.lr_step_epochs),
         weight_decay=config.weight_decay,
         freeze_features=config.freeze_features,
+        rule=RECIPE_RULES[config.recipe],
     )
+    colour_pca = _colour_pca(config, train_data, workdir, primary)
     state = create_train_state(model, _initial_params(config, model), tx, seed=config.seed)
     loop: dict[str, Any] = {
         "epoch_loss": 0.0,
@@ -349,6 +409,8 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
         start_step=step,
         num_steps=total_steps,
         workers=config.workers,
+        arch=config.arch,
+        colour_pca=colour_pca,
         **shard,
     )
     try:
@@ -382,6 +444,8 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
                         batch_size=config.batch_size,
                         image_size=config.image_size,
                         workers=config.workers,
+                        arch=config.arch,
+                        crops=config.eval_crops,
                         **shard,
                     ),
                     parallel.put_eval_batch,
@@ -423,6 +487,20 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
         save_variables(final, {"params": params})
         plot_curves(metrics_path, workdir / CURVES_FILE)
     return {**last, "final_variables": str(final)}
+
+
+def _colour_pca(config: TrainConfig, train_data: ImageFolder, workdir: Path, primary: bool) -> ColourPCA | None:
+    """The run's colour noise; one computed from the folder is written to colour_pca.json."""
+    choice = config.colour_pca or get_arch(config.arch).colour_pca
+    if choice == "none":
+        return None
+    if choice == "imagenet":
+        return IMAGENET_PCA
+    # Deterministic in (folder, seed): a resumed run computes the same numbers again.
+    pca = colour_pca_from_folder(train_data, seed=config.seed, progress=config.progress and primary)
+    if primary:
+        atomic_write_bytes(workdir / COLOUR_PCA_FILE, (json.dumps(dataclasses.asdict(pca), indent=2) + "\n").encode())
+    return pca
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from .model import AlexNet
-from .preprocess import preprocess_batch
+from .model2012 import INPUT_SIZE
+from .preprocess import preprocess, preprocess_batch
 
 RTOL = 1e-4  # largest |dlogit| <= RTOL * largest |logit|
 SAMPLE_NAMES = ("chelsea", "coffee", "astronaut", "rocket")
@@ -81,24 +81,48 @@ def sample_images() -> list[tuple[str, Image.Image]]:
     return images
 
 
-def jax_logits(variables: Mapping[str, Any], x_nhwc: np.ndarray, num_classes: int) -> np.ndarray:
-    """Flax logits at full float32 matmul precision (GPU/TPU default to less)."""
+def jax_logits(variables: Mapping[str, Any], x_nhwc: np.ndarray, num_classes: int | None = None) -> np.ndarray:
+    """Flax logits of the model `variables` are for (`convert.model_for`), at full float32 matmul precision.
+
+    (GPU/TPU default to less.) `num_classes`, if given, must be the variables' head size.
+    """
+    from .convert import model_for
+
+    model = model_for(variables)
+    if num_classes is not None and num_classes != model.num_classes:
+        raise ValueError(f"num_classes={num_classes} but the variables have a {model.num_classes}-class head")
     with jax.default_matmul_precision("highest"):
-        return np.asarray(jax.jit(AlexNet(num_classes=num_classes).apply)(variables, x_nhwc))
+        return np.asarray(jax.jit(model.apply)(variables, x_nhwc))
 
 
-def torch_logits(state_dict: Mapping[str, Any], x_nhwc: np.ndarray, num_classes: int) -> tuple[np.ndarray, str]:
-    """Logits of the torch reference (see `reference.py`). **Returns:** (logits, reference description)."""
-    from .reference import torch_alexnet
+def torch_logits(
+    state_dict: Mapping[str, Any], x_nhwc: np.ndarray, num_classes: int, architecture: str = "torchvision"
+) -> tuple[np.ndarray, str]:
+    """Logits of the torch reference of `architecture` (see `reference.py`). **Returns:** (logits, description).
+
+    The 2012 reference normalizes with the paper's LRN constants, `AlexNet2012`'s defaults.
+    """
+    from .reference import torch_alexnet, torch_alexnet2012
     from .weights import _require_torch
 
     torch = _require_torch()  # a WeightsError that says how to install it
 
     tensors = {k: torch.as_tensor(np.asarray(v)) if not hasattr(v, "detach") else v for k, v in state_dict.items()}
-    model, description = torch_alexnet(tensors, num_classes)
+    build = torch_alexnet2012 if architecture == "2012" else torch_alexnet
+    model, description = build(tensors, num_classes)
     with torch.no_grad():
         x = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
         return model(x).numpy(), description
+
+
+def verify_images(images: Sequence[Image.Image], architecture: str = "torchvision") -> np.ndarray:
+    """`images` preprocessed for `architecture`: torchvision's IMAGENET1K_V1 transforms (resize 256,
+    center crop 224), or for "2012" the same at the paper's 227x227 crop.
+    **Returns:** (N, 224 or 227, 224 or 227, 3) float32.
+    """
+    if architecture != "2012":
+        return preprocess_batch(images)
+    return np.stack([preprocess(image, crop_size=INPUT_SIZE) for image in images])
 
 
 def verify(
@@ -106,17 +130,23 @@ def verify(
     variables: Mapping[str, Any],
     images: Sequence[Image.Image] | None = None,
 ) -> ParityReport:
-    """Run the torch reference on `state_dict` and AlexNet on `variables` over `images`.
+    """Run the torch reference on `state_dict` and the Flax model on `variables` over `images`.
 
-    **Arguments:** state_dict in torchvision's names (torch tensors or numpy, no
+    Either architecture (`convert.variables_architecture`); the state_dict must be of the same one.
+    **Arguments:** state_dict in the torch layout's names (torch tensors or numpy, no
     `module.` prefix); variables as `torch_to_flax` returns them; images default to
-    the shipped sample photos, preprocessed as torchvision's IMAGENET1K_V1 transforms.
+    the shipped sample photos, preprocessed by `verify_images`.
     """
-    from .convert import check_variables
+    from .convert import check_variables, state_dict_architecture, variables_architecture
 
+    architecture = variables_architecture(variables)
+    if state_dict_architecture(state_dict) != architecture:
+        raise ValueError(
+            f"the state_dict is {state_dict_architecture(state_dict)!r} AlexNet but the variables {architecture!r}"
+        )
     num_classes = check_variables(variables)
     if images is None:
         images = [image for _, image in sample_images()]
-    x = preprocess_batch(images)
-    reference, description = torch_logits(state_dict, x, num_classes)
-    return compare_logits(reference, jax_logits(variables, x, num_classes), reference_name=description)
+    x = verify_images(images, architecture)
+    reference, description = torch_logits(state_dict, x, num_classes, architecture)
+    return compare_logits(reference, jax_logits(variables, x), reference_name=description)

@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-"""Convert torchvision AlexNet weights to an alexnet_jax variables file.
+"""Convert AlexNet weights from torch to an alexnet_jax variables file.
 
     python convert/torch_to_flax.py --verify                       # torchvision's IMAGENET1K_V1, via torch hub
     python convert/torch_to_flax.py --checkpoint model.pth --output model.msgpack --verify
+
+Either layout, recognized from the tensors: torchvision's AlexNet (for `alexnet_jax.AlexNet`)
+or the 2012 paper's (for `alexnet_jax.AlexNet2012`; `alexnet_jax.reference` has its torch
+module). --verify runs the matching torch reference.
 
 Kept short on purpose: it parses flags and calls the library. Every failure is one
 line on stderr and a non-zero exit, and no output file is written (writes are
@@ -25,7 +29,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--checkpoint",
         type=Path,
-        help="torchvision AlexNet weights: a state_dict saved with torch.save (.pth/.pt), a training "
+        help="AlexNet weights in torchvision's layout or the 2012 paper's: a state_dict saved with "
+        "torch.save (.pth/.pt), a training "
         "checkpoint holding one under 'state_dict' or 'model', or .safetensors. "
         "Default: torchvision's IMAGENET1K_V1 weights through torch hub (cached, hash-checked).",
     )
@@ -70,7 +75,7 @@ def _describe_source(path: Path, record) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from alexnet_jax import ConversionError, torch_to_flax
-    from alexnet_jax.convert import strip_prefix
+    from alexnet_jax.convert import ARCHITECTURES, strip_prefix, variables_architecture
     from alexnet_jax.io import atomic_write_bytes, is_safetensors, variables_from_bytes, variables_to_bytes
     from alexnet_jax.weights import IMAGENET1K_V1, WeightsError, fetch_state_dict, load_checkpoint
 
@@ -94,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         restored = variables_from_bytes(data, safetensors=is_safetensors(output), name=str(output))
         num_params = sum(a.size for module in restored["params"].values() for a in module.values())
         num_classes = restored["params"]["classifier_6"]["bias"].shape[0]
-        print(f"converted: {len(state_dict)} tensors, {num_params:,} parameters, {num_classes} classes")
+        arch = ARCHITECTURES[variables_architecture(restored)]
+        print(
+            f"converted: {len(state_dict)} tensors, {num_params:,} parameters, {num_classes} classes; "
+            f"{arch.description} (alexnet_jax.{arch.model.__name__})"
+        )
 
         if args.verify:
             from alexnet_jax.verify import verify

@@ -4,6 +4,7 @@
     python examples/train.py --data train/ --val-data val/ --workdir runs/a --resume
     python examples/train.py --data train/ --val-data val/ --workdir runs/ft \\
         --init-from alexnet.msgpack --freeze-features --epochs 5 --lr 0.001
+    python examples/train.py --arch 2012 --data train/ --val-data val/ --workdir runs/paper --eval-crops 10
     python examples/train.py ... --parallel sharded            # every GPU/TPU of this machine
     python examples/train.py ... --parallel sharded \\
         --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # and 1 on the other host
@@ -27,9 +28,11 @@ import sys
 
 try:
     from alexnet_jax import keep_freed_memory
+    from alexnet_jax.archs import ARCHS, COLOUR_PCA_CHOICES
+    from alexnet_jax.augment import EVAL_CROPS
     from alexnet_jax.checkpoint import CheckpointError
     from alexnet_jax.data import DataError
-    from alexnet_jax.model import CONV_ALGORITHMS, MIN_SIZE
+    from alexnet_jax.model import CONV_ALGORITHMS
     from alexnet_jax.parallel import INIT_TIMEOUT_S, MODES, DistributedError, initialize_distributed
     from alexnet_jax.train import EPOCHS, RECIPES, NonFiniteLossError, TrainConfig, train_and_evaluate
 except ImportError as e:  # Orbax, Grain or matplotlib missing: one line, not a traceback
@@ -46,11 +49,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="training ImageFolder root")
     parser.add_argument("--val-data", required=True, help="validation ImageFolder root (same class folders)")
     parser.add_argument("--workdir", required=True, help="where checkpoints, metrics and the final weights go")
-    parser.add_argument("--epochs", type=int, default=EPOCHS, help="default %(default)s")
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch (default %(default)s)")
-    parser.add_argument("--lr", type=float, help="learning rate (default 0.01 * batch-size / 256)")
     parser.add_argument(
-        "--image-size", type=int, default=224, help=f"training crop side, at least {MIN_SIZE} (default %(default)s)"
+        "--arch",
+        choices=tuple(ARCHS),
+        default="torchvision",
+        help="torchvision: torchvision's AlexNet and recipe; 2012: the paper's AlexNet (LRN, grouped convs), "
+        "its 256x256 images, random 227 crops + flips + PCA colour noise, and its recipe (default %(default)s)",
+    )
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="default %(default)s")
+    parser.add_argument("--batch-size", type=int, help="global batch (default: 256; 128 for --arch 2012)")
+    parser.add_argument(
+        "--lr", type=float, help="learning rate (default 0.01 * batch-size / 256; / 128 for --arch 2012)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="training and eval crop side (default 224, at least 63; 227 for --arch 2012, which takes 227-256)",
+    )
+    parser.add_argument(
+        "--colour-pca",
+        choices=COLOUR_PCA_CHOICES,
+        help="the paper's PCA colour noise: ImageNet's published eigenvalues and eigenvectors, ones computed "
+        "from --data (saved to colour_pca.json), or none (default: imagenet for --arch 2012, none otherwise)",
+    )
+    parser.add_argument(
+        "--eval-crops",
+        type=int,
+        choices=EVAL_CROPS,
+        default=1,
+        help="validation: the centre crop, or the softmax averaged over the 4 corners, the centre and their "
+        "mirrors (torchvision's TenCrop order; 10x the eval compute) (default %(default)s)",
     )
     parser.add_argument("--init-from", help="variables file to start from (e.g. converted torchvision weights)")
     parser.add_argument(
@@ -65,9 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--recipe",
         choices=RECIPES,
-        default="torchvision",
-        help="torchvision: lr x0.1 every --lr-step-epochs, wd 1e-4; "
-        "paper: lr /10 when val top-1 stops improving, wd 5e-4",
+        help="torchvision: lr x0.1 every --lr-step-epochs, wd 1e-4; paper: lr /10 when val top-1 stops "
+        "improving, wd 5e-4, the paper's momentum rule (default: torchvision; paper for --arch 2012)",
     )
     parser.add_argument("--weight-decay", type=float, help="default: the recipe's")
     parser.add_argument("--lr-step-epochs", type=int, default=30, help="torchvision recipe (default %(default)s)")
@@ -142,6 +169,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         num_classes=args.num_classes,
         seed=args.seed,
         recipe=args.recipe,
+        arch=args.arch,
+        colour_pca=args.colour_pca,
+        eval_crops=args.eval_crops,
         weight_decay=args.weight_decay,
         lr_step_epochs=args.lr_step_epochs,
         patience=args.patience,

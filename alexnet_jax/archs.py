@@ -1,0 +1,112 @@
+"""The architectures training and prediction can run, in one name table: model, input size, transforms, recipe.
+
+    arch = get_arch("2012")
+    model = arch.model(num_classes=10)                 # AlexNet2012(num_classes=10)
+    x = arch.eval_transform(image, arch.image_size, 10)  # (10, 227, 227, 3)
+
+"torchvision" is torchvision's AlexNet (`model.AlexNet`, the 2014 "one weird trick"
+variant) with torchvision's reference recipe; "2012" is the paper's (`model2012.AlexNet2012`)
+with the paper's data and recipe. Everything that differs between them is a field
+here, so the training loop, the data pipeline and `predict` never ask which one they run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from .augment import eval_transform, paper_eval_transform, paper_train_transform, train_transform
+from .model import MIN_SIZE, AlexNet
+from .model2012 import INPUT_SIZE, AlexNet2012, stack_sizes
+from .model2012 import POOL_OUTPUT as _POOL_OUTPUT
+from .preprocess import CROP_SIZE
+
+COLOUR_PCA_CHOICES = ("imagenet", "folder", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """One architecture and the defaults of its recipe.
+
+    `model(num_classes, conv_algorithm, dtype)` builds the linen module; `train_transform(image,
+    size, rng)` and `eval_transform(image, size, crops)` are the per-image transforms of
+    `alexnet_jax.augment`; `image_sizes` says which crop sides the model takes.
+    (`convert.ARCHITECTURES` holds the same names' parameter layouts.)
+    """
+
+    name: str
+    model: Callable[..., nn.Module]
+    image_size: int  # default crop side, training and evaluation
+    init_size: int  # an input side `init` traces the model at (parameters do not depend on it)
+    image_sizes: Callable[[int], bool]
+    size_rule: str  # what `image_sizes` accepts, for error messages
+    train_transform: Callable[[Image.Image, int, np.random.Generator], np.ndarray]
+    eval_transform: Callable[[Image.Image, int, int], np.ndarray]
+    recipe: str  # "torchvision" or "paper" (see `train.RECIPES`)
+    batch_size: int  # default global batch
+    lr_batch_size: int  # the batch the base rate 0.01 is for; other batches scale it linearly
+    colour_pca: str  # default colour noise, one of COLOUR_PCA_CHOICES
+    conv_algorithms: tuple[str, ...]  # `model.CONV_ALGORITHMS` the model honours
+
+    def check_image_size(self, image_size: int) -> None:
+        """**Raises:** ValueError when this architecture cannot take `image_size` x `image_size` crops."""
+        if not self.image_sizes(image_size):
+            raise ValueError(f"image-size must be {self.size_rule}, got {image_size}")
+
+
+def _alexnet(num_classes: int, conv_algorithm: str = "xla", dtype: Any = jnp.float32) -> nn.Module:
+    return AlexNet(num_classes=num_classes, conv_algorithm=conv_algorithm, dtype=dtype)
+
+
+def _alexnet2012(num_classes: int, conv_algorithm: str = "xla", dtype: Any = jnp.float32) -> nn.Module:
+    # Its grouped convolutions are XLA's; the conv_algorithm choice is the torchvision model's
+    # ("auto" ends at XLA here, "winograd" is refused by `TrainConfig.validate`).
+    return AlexNet2012(num_classes=num_classes, dtype=dtype)
+
+
+ARCHS: dict[str, Arch] = {
+    "torchvision": Arch(
+        name="torchvision",
+        model=_alexnet,
+        image_size=CROP_SIZE,
+        init_size=MIN_SIZE,  # the cheapest trace
+        image_sizes=lambda s: s >= MIN_SIZE,
+        size_rule=f"at least {MIN_SIZE} (AlexNet's smallest input)",
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        recipe="torchvision",
+        batch_size=256,
+        lr_batch_size=256,
+        colour_pca="none",
+        conv_algorithms=("xla", "winograd", "auto"),
+    ),
+    "2012": Arch(
+        name="2012",
+        model=_alexnet2012,
+        image_size=INPUT_SIZE,
+        init_size=INPUT_SIZE,
+        # 227-258 end the conv stack at 6x6 (the pools round down); crops come from 256x256 images.
+        image_sizes=lambda s: s <= 256 and stack_sizes(s)[-1] == _POOL_OUTPUT,
+        size_rule=f"{INPUT_SIZE} to 256 for --arch 2012 (a crop of its 256x256 images with a 6x6 conv5 map)",
+        train_transform=paper_train_transform,
+        eval_transform=paper_eval_transform,
+        recipe="paper",
+        batch_size=128,
+        lr_batch_size=128,
+        colour_pca="imagenet",
+        conv_algorithms=("xla", "auto"),
+    ),
+}
+
+
+def get_arch(name: str) -> Arch:
+    """**Raises:** ValueError naming the known architectures."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown arch {name!r}; expected one of {', '.join(ARCHS)}")
+    return ARCHS[name]
