@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .archs import Arch, get_arch
+from .convert import variables_architecture
 from .images import ImageReadError, Walk, load_image, walk_images
 from .io import atomic_write_bytes
 from .predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, Prediction, predict
-from .preprocess import preprocess
 
 RESULT_FORMATS = (".csv", ".json")
 
@@ -55,9 +56,9 @@ def find_images(paths: Iterable[str | os.PathLike]) -> Walk:
     return walk
 
 
-def _read(path: Path, exif: bool) -> np.ndarray:
+def _read(path: Path, exif: bool, arch: Arch) -> np.ndarray:
     try:
-        return preprocess(load_image(path, exif=exif))
+        return arch.eval_transform(load_image(path, exif=exif), arch.image_size, 1)
     except ImageReadError:
         raise
     except Exception as e:  # noqa: BLE001 - a decoded image PIL cannot convert or resize
@@ -75,12 +76,14 @@ def classify_files(
 ) -> Iterator[FileResult]:
     """Classify `paths` in batches, yielding one `FileResult` per path, in order.
 
-    Files are read `batch_size` at a time and only their 224x224 inputs are kept,
-    so memory stays flat however many files there are. Unreadable files yield a
+    Files are read `batch_size` at a time and only their model inputs are kept (224x224
+    for torchvision's AlexNet, 227x227 for `AlexNet2012`, whichever `variables` are
+    for), so memory stays flat however many files there are. Unreadable files yield a
     result with `error` set and do not take a place in the batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    arch = get_arch(variables_architecture(variables))
     # Once here, not per chunk: host arrays would be copied to the device again at every call (~0.15 s on CPU).
     variables = jax.device_put(variables)
     for start in range(0, len(paths), batch_size):
@@ -89,12 +92,14 @@ def classify_files(
         errors: dict[int, str] = {}
         for i, path in enumerate(chunk):
             try:
-                inputs[i] = _read(path, exif)
+                inputs[i] = _read(path, exif, arch)
             except ImageReadError as e:
                 errors[i] = str(e)
         batch = list(inputs.values())
         predictions = iter(
-            predict(variables, np.stack(batch), k=k, batch_size=batch_size, dtype=dtype) if batch else []
+            predict(variables, np.stack(batch), k=k, batch_size=batch_size, dtype=dtype, arch=arch.name)
+            if batch
+            else []
         )
         for i, path in enumerate(chunk):
             yield FileResult(path, error=errors[i]) if i in errors else FileResult(path, prediction=next(predictions))

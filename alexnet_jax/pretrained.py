@@ -2,7 +2,7 @@
 
     from alexnet_jax import load_model
     model, variables = load_model()                    # torchvision's IMAGENET1K_V1 (torch hub's cache)
-    model, variables = load_model("alexnet.msgpack")   # a converted file, any head size
+    model, variables = load_model("alexnet.msgpack")   # a converted file, any head size, either architecture
     logits = jax.jit(model.apply)(variables, images)   # variables already on the device
 
 Sources: a `WeightsRecord` (or its name, "IMAGENET1K_V1"), fetched through torch hub's
@@ -10,6 +10,7 @@ cache with its hash checked and converted on the fly (needs torch: the `convert`
 extra); a variables file written by `save_variables` or `convert/torch_to_flax.py`
 (`.msgpack`, or `.safetensors` with our names); or torchvision weights in a file
 (`.pth`/`.pt`, or `.safetensors` with torchvision's names), converted on the fly.
+Files of the 2012 paper's layout give an `AlexNet2012`, torchvision's an `AlexNet`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
-from .convert import check_variables, torch_to_flax
+from .convert import model_for, torch_to_flax, variables_architecture
 from .io import is_safetensors, load_variables
-from .model import AlexNet
 from .weights import IMAGENET1K_V1, WeightsRecord, fetch_state_dict, load_checkpoint
 
 RECORDS: dict[str, WeightsRecord] = {IMAGENET1K_V1.name: IMAGENET1K_V1}
@@ -60,18 +61,21 @@ def load_model(
     dropout_rate: float = 0.5,
     conv_algorithm: str = "xla",
     progress: bool = True,
-) -> tuple[AlexNet, dict[str, Any]]:
-    """An `AlexNet` whose num_classes fits the weights, and its variables on JAX's default device.
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model the weights are for (`AlexNet` or `AlexNet2012`, num_classes to fit), and its variables on the device.
 
     **Arguments:** source, see the module docstring (default torchvision's ImageNet
-    weights); dtype, dropout_rate, conv_algorithm as `AlexNet`'s fields; progress, a
-    download progress bar.
+    weights); dtype, dropout_rate, conv_algorithm as `AlexNet`'s fields (`AlexNet2012`
+    has XLA's convolution only); progress, a download progress bar.
     **Returns:** (model, {"params": ...} of device arrays).
     **Raises:** WeightsError (weights that cannot be had or read), FileNotFoundError,
     ValueError or ConversionError naming the file and the problem.
     """
     variables = _variables_from(source, progress)
-    model = AlexNet(
-        num_classes=check_variables(variables), dtype=dtype, dropout_rate=dropout_rate, conv_algorithm=conv_algorithm
-    )
+    fields = {"dtype": dtype, "dropout_rate": dropout_rate}
+    if variables_architecture(variables) == "torchvision":
+        fields["conv_algorithm"] = conv_algorithm
+    elif conv_algorithm != "xla":
+        raise ValueError(f"{source}: AlexNet2012 weights run with XLA's convolution only, not {conv_algorithm!r}")
+    model = model_for(variables, **fields)
     return model, jax.device_put({"params": variables["params"]})

@@ -174,6 +174,20 @@ def test_classify_files_in_order_with_errors(variables, folder):
     )
 
 
+def test_classify_files_takes_the_2012_networks_input(folder):
+    """Variables of the paper's layout are classified at its 227x227 input, as `predict` reads PIL images."""
+    import jax
+    import jax.numpy as jnp
+
+    from alexnet_jax import AlexNet2012
+
+    paper = jax.jit(AlexNet2012(num_classes=4).init)(jax.random.key(1), jnp.zeros((1, 227, 227, 3)))
+    files = [folder / "a_chelsea.jpg", folder / "sub" / "coffee.jpg"]
+    results = list(classify_files(paper, files, k=2))
+    expected = predict(paper, [load_image(f) for f in files], k=2)
+    assert [r.prediction.indices for r in results] == [p.indices for p in expected]
+
+
 def test_write_results(tmp_path, variables):
     prediction = predict(variables, [load_image(SAMPLES / "chelsea.jpg")], k=3)[0]
     results = [FileResult(Path("cat.jpg"), prediction=prediction), FileResult(Path("bad.jpg"), error="no such file")]

@@ -113,5 +113,23 @@ def test_load_model_from_every_kind_of_source(tmp_path, torchvision_state_dict, 
         assert model.apply(variables, x).shape == (1, 10)
     model, _ = load_model(ours, dtype=jnp.bfloat16, conv_algorithm="winograd", dropout_rate=0.1)
     assert (model.dtype, model.conv_algorithm, model.dropout_rate) == (jnp.bfloat16, "winograd", 0.1)
+
+
+def test_load_model_builds_the_2012_network_for_its_weights(tmp_path):
+    import jax.numpy as jnp
+
+    from alexnet_jax import AlexNet2012, flax_to_torch, load_model
+
+    want = jax.device_get(jax.jit(AlexNet2012(num_classes=5).init)(jax.random.key(0), jnp.zeros((1, 227, 227, 3))))
+    for path in (save_variables(tmp_path / "paper.msgpack", want), tmp_path / "paper.pth"):
+        if path.suffix == ".pth":
+            import torch
+
+            torch.save({k: torch.from_numpy(v) for k, v in flax_to_torch(want).items()}, path)
+        model, variables = load_model(path)
+        assert isinstance(model, AlexNet2012) and model.num_classes == 5, path
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), want)
+    with pytest.raises(ValueError, match="XLA's convolution only"):
+        load_model(tmp_path / "paper.msgpack", conv_algorithm="winograd")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_model(tmp_path / "missing.msgpack")
