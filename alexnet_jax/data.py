@@ -18,6 +18,7 @@ or the metrics) and is counted in the batch's `skipped`; it never stops a run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -32,6 +33,7 @@ from PIL import Image
 from .images import ImageReadError, load_image, walk_images
 from .model import MIN_SIZE
 from .preprocess import CROP_SIZE, RESIZE_SIZE, normalize, preprocess, to_model_mode
+from .shutdown import exit_with_parent
 
 # torchvision's RandomResizedCrop defaults and its reference recipe's flip probability.
 CROP_SCALE = (0.08, 1.0)
@@ -244,7 +246,9 @@ def _iterate(loader: _BatchLoader, start: int, stop: int, workers: int) -> Itera
             flags.FLAGS.mark_as_parsed()
         # Each worker process builds whole batches; Grain hands them back in index order.
         iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+            # A worker outliving a killed run would hold its memory and shared-memory batches for good.
+            worker_init_fn=functools.partial(exit_with_parent, os.getpid()),
         )
     else:
         # Threads in this process: Pillow releases the GIL while it decodes and resizes.
