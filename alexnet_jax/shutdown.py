@@ -90,6 +90,29 @@ class StopSignals:
         self._restore()
 
 
+class Interrupted(KeyboardInterrupt):
+    """Raised by `interrupt_on_signals`' handler: SIGINT or SIGTERM, as the exception Ctrl-C raises."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupt_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+    """Make SIGTERM (and SIGINT) raise `Interrupted` in the main thread, for short CLIs without a loop to stop.
+
+    Process-wide: for entry scripts only. An exception, unlike the default end of
+    the process, runs `finally` and `except` blocks: an atomic write removes its
+    temporary file, the script prints one line and exits with `exit_status(e.signum)`.
+    """
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    for signum in signals:
+        signal.signal(signum, handle)
+
+
 def exit_with_parent(parent_pid: int, *_worker_info: int) -> None:
     """Start a thread that ends this process soon after `parent_pid` is no longer its parent.
 
