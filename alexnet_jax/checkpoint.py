@@ -132,7 +132,7 @@ class Checkpoints:
             try:
                 return self._restore(template, step)
             except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types for bad files
-                raise CheckpointError(f"{self.directory / str(step)}: cannot be read ({first_line(e)})") from e
+                raise CheckpointError(f"{self.directory / str(step)}: cannot be read ({_reason(e)})") from e
         damaged = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
@@ -141,7 +141,7 @@ class Checkpoints:
                 damaged.append(step)
                 aside = self._set_aside(step)
                 print(
-                    f"warning: checkpoint {self.directory / str(step)} is damaged ({first_line(e)}); "
+                    f"warning: checkpoint {self.directory / str(step)} is damaged ({_reason(e)}); "
                     f"moved to {aside.name}, trying the one before",
                     file=sys.stderr,
                     flush=True,
@@ -190,6 +190,12 @@ class Checkpoints:
                 pass
 
 
+def _reason(e: BaseException, limit: int = 240) -> str:
+    # TensorStore appends its whole JSON spec to each message: keep the part a person reads.
+    text = re.sub(r"\s*\[tensorstore_spec.*", "", first_line(e), flags=re.DOTALL)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _best_metric(metrics: dict[str, float]) -> float:
     return metrics[BEST_METRIC]
 
@@ -234,5 +240,5 @@ class _SaveErrors:
         if code in NO_SPACE_ERRNOS:
             message = no_space_message(folder, needed, f"checkpoint not written ({os.strerror(code)})")
         else:
-            message = f"{folder}: checkpoint not written ({first_line(error)})"
+            message = f"{folder}: checkpoint not written ({_reason(error)})"
         raise CheckpointError(message) from error
