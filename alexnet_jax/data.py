@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import math
 import os
 import sys
@@ -260,6 +261,12 @@ def _iterate(loader: _BatchLoader, start: int, stop: int, workers: int) -> Itera
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
+        if workers > 0:
+            # Batches Grain had already taken from the workers sit in reference cycles of its
+            # iterators; collected now, their shared memory is unlinked. Collected at exit
+            # instead, it would be left to Python's resource tracker, which warns.
+            del iterator, iterable
+            gc.collect()
 
 
 def train_batches(

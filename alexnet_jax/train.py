@@ -482,7 +482,11 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
                 save()
     finally:
         bar.close()
-        batches.close()  # Grain's worker processes end now, not when the generator is collected
+        # The last batch lives in Grain's shared memory, unlinked when the array is collected:
+        # drop it while Grain's unlinking threads still run, then end the worker processes
+        # now, not when the generator is collected.
+        batch = None  # noqa: F841
+        batches.close()
     checkpoints.wait()
     final = workdir / FINAL_VARIABLES_FILE
     params = jax.device_get(state.params)  # replicated on every device, so each process holds them whole
