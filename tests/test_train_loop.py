@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -27,7 +26,7 @@ from alexnet_jax.train import (
 )
 from alexnet_jax.workdir import WorkdirBusyError, WorkdirLock
 
-from helpers import REPO, run_python
+from helpers import REPO, children, gone, run_python
 
 COLORS = ((220, 40, 40), (40, 200, 40), (40, 40, 220))  # one class per dominant colour: learnable in a few steps
 
@@ -191,42 +190,13 @@ def test_an_unknown_conv_algorithm_is_refused_before_training(data, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def _children(pid: int) -> list[int]:
-    """The pids whose parent is `pid` (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _gone(pids: list[int], within_s: float) -> bool:
-    """Whether every pid has ended (or is a zombie) within `within_s` seconds."""
-    deadline = time.monotonic() + within_s
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if state != "Z":
-                alive.append(pid)
-        if not alive or time.monotonic() > deadline:
-            return not alive
-        time.sleep(0.2)
-
-
 # The CLI in a child, with a real SIGTERM to itself once step 1 has run (the wrapped batch
 # iterator sends it when the loop asks for batch 2), and its Grain worker's pid written down.
 _SIGTERM_CHILD = """
 import contextlib, os, runpy, signal, sys
 from pathlib import Path
 import alexnet_jax.train as train
+# children()
 
 def batches(*args, **kwargs):
     with contextlib.closing(real(*args, **kwargs)) as inner:
@@ -237,7 +207,7 @@ def batches(*args, **kwargs):
                     f.write(" ".join(map(str, children(os.getpid()))))
                 os.kill(os.getpid(), signal.SIGTERM)
 
-real, children, train.train_batches = train.train_batches, {children}, batches
+real, train.train_batches = train.train_batches, batches
 pids_path, sys.argv = sys.argv[1], ["examples/train.py", *sys.argv[2:]]
 runpy.run_path("examples/train.py", run_name="__main__")
 """
@@ -250,9 +220,7 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_is_bit_identical(straight
 
     config, straight_dir, straight = straight_run
     workdir, pids = tmp_path / "run", tmp_path / "workers.txt"
-    child = _SIGTERM_CHILD.replace("{children}", "_children").replace(
-        "import alexnet_jax.train as train\n", "import alexnet_jax.train as train\n" + inspect.getsource(_children)
-    )
+    child = _SIGTERM_CHILD.replace("# children()\n", inspect.getsource(children))
     args = ["--data", config.data, "--val-data", config.val_data, "--workdir", workdir, "--batch-size", "12"]
     args += ["--epochs", "2", "--lr", "0.01", "--image-size", "64", "--save-every", "3", "--keep", "1"]
     args += ["--no-progress", "--conv-algorithm", "xla", "--workers", "1"]
@@ -263,7 +231,7 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_is_bit_identical(straight
     ]
     assert Checkpoints(workdir / "checkpoints").all_steps() == [1]
     workers = [int(pid) for pid in pids.read_text().split()]  # Grain's worker and Python's resource tracker
-    assert len(workers) == 2 and _gone(workers, within_s=10), workers
+    assert len(workers) == 2 and gone(workers, within_s=10), workers
 
     resumed = train_and_evaluate(config, workdir, resume=True)
     ours, theirs = load_variables(workdir / "final.msgpack"), load_variables(straight_dir / "final.msgpack")
