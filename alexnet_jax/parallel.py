@@ -21,6 +21,7 @@ Multi-process runs start with `initialize_distributed` before anything else touc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -117,13 +118,14 @@ def initialize_distributed(
     watchdog.daemon = True
     watchdog.start()
     try:
-        jax.distributed.initialize(
-            coordinator,
-            num_processes,
-            process_id,
-            initialization_timeout=timeout_s + _ABORT_MARGIN_S,
-            heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
-        )
+        with _peer_loss_reported():
+            jax.distributed.initialize(
+                coordinator,
+                num_processes,
+                process_id,
+                initialization_timeout=timeout_s + _ABORT_MARGIN_S,
+                heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+            )
     except Exception as e:  # jaxlib raises its own runtime error types; all mean "did not meet"
         reason = first_line(e)
         raise DistributedError(
@@ -134,21 +136,76 @@ def initialize_distributed(
         watchdog.cancel()
 
 
+@contextlib.contextmanager
+def _peer_loss_reported():
+    """While `jax.distributed.initialize` runs, its client gets a callback for a lost peer.
+
+    Without one, jaxlib's client logs a fatal error and aborts (SIGABRT, a C++ stack
+    trace) when the coordinator reports a process that stopped sending heartbeats.
+    jaxlib's client takes `missed_heartbeat_callback`, but `jax.distributed.initialize`
+    does not pass one through, so the factory it calls is wrapped for that one call.
+    JAX internals: if they change shape, the wrap is skipped and jaxlib's abort stays.
+    """
+    try:
+        from jax._src.lib import _jax
+    except ImportError:
+        yield
+        return
+    factory = getattr(_jax, "get_distributed_runtime_client", None)
+    if factory is None or "missed_heartbeat_callback" not in (factory.__doc__ or ""):
+        yield
+        return
+
+    def client(*args, **kwargs):
+        kwargs.setdefault("missed_heartbeat_callback", _peer_lost)
+        return factory(*args, **kwargs)
+
+    _jax.get_distributed_runtime_client = client
+    try:
+        yield
+    finally:
+        _jax.get_distributed_runtime_client = factory
+
+
+def _peer_lost(status: Any = None) -> None:
+    # From jaxlib's error-polling thread: the run cannot go on, and no collective will return.
+    reason = str(status).strip().splitlines()[0] if status is not None and str(status).strip() else "no heartbeat"
+    _exit_now(
+        f"error: process {jax.process_index()}: another process of the run died or stopped responding "
+        f"(no heartbeat for {HEARTBEAT_TIMEOUT_S} s): {reason}"
+    )
+
+
 def _exit_now(message: str, status: int = EXIT_PEER_LOST) -> None:
-    # os._exit, not sys.exit: at a normal exit JAX's atexit hook waits at a shutdown
-    # barrier for the missing peer and then aborts; nothing is left to save here.
+    # Never asks JAX anything (jax.process_count() here, while the distributed client is still
+    # connecting, makes jaxlib terminate with std::bad_cast).
     print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
     os._exit(status)
+
+
+def leave_run(status: int) -> int:
+    """End this process of a multi-process run now with `status`; in a single process, return `status`.
+
+    For an entry script's failing exits: at a normal exit JAX's atexit hook waits at a
+    shutdown barrier for every peer, and when one is gone the coordinator's heartbeat
+    check aborts the process (SIGABRT, a C++ stack trace) about `HEARTBEAT_TIMEOUT_S`
+    later. Checkpoints are already on disk or reported by then; nothing is lost.
+    """
+    if jax.process_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def exit_if_peer_lost(error: BaseException) -> None:
     """In a multi-process run, end this process with one line and status 1 for an error from JAX's runtime.
 
     A peer that died or hangs makes the next collective (or the coordinator's
-    heartbeat check) fail in every other process, with an error from XLA and, at
-    exit, a shutdown barrier that aborts. Called by the entry script with an
-    exception it did not expect; returns (so the caller re-raises) in a
-    single-process run or for an error that is not JAX's.
+    heartbeat check) fail in every other process, with an error from XLA. Called by
+    the entry script with an exception it did not expect; returns (so the caller
+    re-raises) in a single-process run or for an error that is not JAX's.
     """
     if jax.process_count() == 1 or not isinstance(error, jax.errors.JaxRuntimeError):
         return

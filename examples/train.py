@@ -35,7 +35,14 @@ try:
     from alexnet_jax.checkpoint import CheckpointError
     from alexnet_jax.data import DataError
     from alexnet_jax.model import CONV_ALGORITHMS, MIN_SIZE
-    from alexnet_jax.parallel import INIT_TIMEOUT_S, MODES, DistributedError, exit_if_peer_lost, initialize_distributed
+    from alexnet_jax.parallel import (
+        INIT_TIMEOUT_S,
+        MODES,
+        DistributedError,
+        exit_if_peer_lost,
+        initialize_distributed,
+        leave_run,
+    )
     from alexnet_jax.shutdown import StopRequested
     from alexnet_jax.train import EPOCHS, RECIPES, NonFiniteLossError, TrainConfig, train_and_evaluate
     from alexnet_jax.workdir import WorkdirBusyError
@@ -191,12 +198,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     try:
         last = train_and_evaluate(args.config, args.workdir, resume=args.resume, overwrite=args.overwrite)
+    # leave_run: in a multi-process run a failing process ends at once; JAX's shutdown
+    # barrier would wait for a peer that may be gone, then abort.
     except StopRequested as e:
         print(e, file=sys.stderr)
-        return e.exit_status
+        return leave_run(e.exit_status)
     except (DataError, NonFiniteLossError, CheckpointError, WorkdirBusyError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return leave_run(1)
     except Exception as e:
         exit_if_peer_lost(e)  # in a multi-process run: one line and exit 1, else re-raised
         raise
@@ -211,6 +220,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _drop_closed_loop_errors() -> None:
+    # After a failed save or restore, TensorStore finishes its pending reads and writes on its
+    # own threads and wakes Orbax's asyncio loop, already closed: a traceback each for
+    # "RuntimeError: Event loop is closed", printed after the one-line error. Only those go.
+    default = sys.excepthook
+
+    def hook(kind, value, traceback):
+        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+            default(kind, value, traceback)
+
+    sys.excepthook = hook
+
+
 if __name__ == "__main__":
     # An entry script may make process-wide choices; the library never does. Before JAX
     # starts its backend: glibc keeps the memory XLA's CPU programs free (host_memory.py).
@@ -218,4 +240,5 @@ if __name__ == "__main__":
     # Orbax logs each failure (with its traceback) through absl before raising it; the
     # script reports every failure in one line of its own.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+    _drop_closed_loop_errors()
     sys.exit(main())
