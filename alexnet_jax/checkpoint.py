@@ -78,10 +78,13 @@ class Checkpoints:
                 best_mode="max",
                 enable_async_checkpointing=async_save,
                 create=True,
+                # What a save killed midway (SIGKILL, power loss) left: removed when the next run starts.
+                cleanup_tmp_directories=True,
             ),
             item_names=("state", "loop"),
         )
         self._pending: tuple[int, int] | None = None  # (step, bytes) of a save that may still be running
+        self._failed: set[int] = set()  # steps whose save failed: their temporary folders go at close()
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -188,6 +191,15 @@ class Checkpoints:
                 self._manager.close()
             except Exception:  # noqa: BLE001 - a failed save was reported by wait(); close only tidies up
                 pass
+            for step in self._failed:  # TensorStore's threads may have written on after the first removal
+                self._remove_temporary(step)
+
+    def _remove_temporary(self, step: int) -> None:
+        # Orbax writes into <step>.orbax-checkpoint-tmp*; a failed save leaves it, holding the
+        # space the next save needs.
+        if jax.process_index() == 0:
+            for leftover in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _reason(e: BaseException, limit: int = 240) -> str:
@@ -230,11 +242,9 @@ class _SaveErrors:
         step, needed = checkpoints._pending or (None, 0)
         checkpoints._pending = None
         folder = checkpoints.directory / str(step) if step is not None else checkpoints.directory
-        if step is not None and jax.process_index() == 0:
-            # Orbax writes into <step>.orbax-checkpoint-tmp*; a failed save leaves it, holding
-            # space the next save needs. A step folder that was never finalized goes too.
-            for leftover in checkpoints.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+        if step is not None:
+            checkpoints._failed.add(step)
+            checkpoints._remove_temporary(step)
         checkpoints._manager.reload()
         code = _error_code(error)
         if code in NO_SPACE_ERRNOS:

@@ -222,15 +222,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _drop_closed_loop_errors() -> None:
     # After a failed save or restore, TensorStore finishes its pending reads and writes on its
-    # own threads and wakes Orbax's asyncio loop, already closed: a traceback each for
-    # "RuntimeError: Event loop is closed", printed after the one-line error. Only those go.
-    default = sys.excepthook
+    # own threads and wakes Orbax's asyncio loop, already closed: Python reports each as an
+    # unraisable "RuntimeError: Event loop is closed" with a traceback, after the one-line
+    # error. Only those go.
+    default = sys.unraisablehook
 
-    def hook(kind, value, traceback):
-        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
-            default(kind, value, traceback)
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            default(unraisable)
 
-    sys.excepthook = hook
+    sys.unraisablehook = hook
 
 
 if __name__ == "__main__":

@@ -289,3 +289,32 @@ def test_an_unwritable_workdir_is_refused_before_training(data):
         pytest.skip("needs /sys, a folder nobody can create files in (not even root)")
     with pytest.raises(OSError, match=r"workdir /sys/alexnet-run is not writable \("):
         train_and_evaluate(_config(data), "/sys/alexnet-run")
+
+
+def _disk_of_50_mb() -> None:
+    # A full disk, faked (a small tmpfs needs root): writes past 50 MB fail with EFBIG, in
+    # TensorStore's C++ as in Python, once SIGXFSZ no longer kills the process.
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000_000, resource.RLIM_INFINITY))
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_from_the_cli(data, tmp_path):
+    """Before: 413 lines. Now one, naming the folder and the ~456 MB the checkpoint needs; nothing half-written."""
+    train, val = data
+    args = ["--data", train, "--val-data", val, "--workdir", tmp_path, "--batch-size", "12", "--epochs", "1"]
+    args += ["--lr", "0.01", "--image-size", "64", "--save-every", "1", "--no-progress", "--conv-algorithm", "xla"]
+    run = subprocess.run(
+        [sys.executable, REPO / "examples" / "train.py", *map(str, args), "--workers", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_disk_of_50_mb,
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith(
+        f"error: {tmp_path / 'checkpoints' / '1'}: checkpoint not written (File too large); writing it needs about 4"
+    ), run.stderr
+    assert list((tmp_path / "checkpoints").iterdir()) == []
