@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .images import IMAGE_SUFFIXES, ImageReadError, Walk, load_image, walk_images  # noqa: F401 - IMAGE_SUFFIXES: TEMP re-export
+from .images import ImageReadError, Walk, load_image, walk_images
 from .io import atomic_write_bytes, check_writable_folder
 from .predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, Prediction, predict
 from .preprocess import preprocess

@@ -50,7 +50,7 @@ from .images import ImageReadError, is_image_name, load_image
 from .io import atomic_write_bytes
 from .model import CONV_LAYERS, TRUNK_LAYERS, trunk_features, trunk_min_size
 from .predict import DEFAULT_BATCH_SIZE, padded_size
-from .preprocess import _to_unit_float, to_model_mode
+from .preprocess import to_model_mode, to_unit_float
 
 VERSIONS = ("0.0", "0.1")
 DEFAULT_VERSION = "0.1"  # lpips's default, and what papers mean by "LPIPS (AlexNet)"
@@ -63,6 +63,8 @@ CHANNELS = tuple(out for _, out, *_ in CONV_LAYERS)  # 64, 192, 384, 256, 256
 # lpips's state_dict names for the five linear layers, and their (1, C, 1, 1) shapes.
 LIN_NAMES = tuple(f"lin{k}.model.1.weight" for k in range(len(TRUNK_LAYERS)))
 LIN_SHAPES = {name: (1, c, 1, 1) for name, c in zip(LIN_NAMES, CHANNELS, strict=True)}
+# torchvision's features.N -> lpips's `net.slice<k>` that holds it (lpips/pretrained_networks.py).
+TORCH_SLICES = {index: k for k, (index, *_) in enumerate(CONV_LAYERS, start=1)}
 
 
 def check_lin_weights(arrays: Mapping[str, Any], what: str) -> None:
@@ -290,6 +292,30 @@ class PairResult:
     error: str | None = None
 
 
+def torch_reference(state_dict: Mapping[str, Any], version: str = DEFAULT_VERSION):
+    """The lpips package's `LPIPS(net="alex")` with torchvision AlexNet's `state_dict` as its trunk, in eval mode.
+
+    What the tests and `benchmarks/lpips_benchmark.py` compare against; needs torch and lpips
+    (a test dependency), and torchvision importable, which lpips imports. Linear weights are
+    lpips's own for `version`. **Returns:** the torch module, `model(x0, x1)` on NCHW tensors.
+    """
+    import warnings
+
+    import lpips as lpips_package
+
+    _check_version(version)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchvision: 'pretrained' is deprecated
+        model = lpips_package.LPIPS(net="alex", version=version, pnet_rand=True, verbose=False)
+    trunk = {}
+    for name, value in state_dict.items():
+        if name.startswith("features."):
+            _, index, rest = name.split(".", 2)
+            trunk[f"slice{TORCH_SLICES[int(index)]}.{index}.{rest}"] = value
+    model.net.load_state_dict(trunk, strict=True)
+    return model.eval()
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """One image file as lpips's own scripts feed it: (H, W, 3) float32 in [-1, 1].
 
@@ -307,7 +333,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"cannot convert to RGB ({type(e).__name__}: {e})") from None
     if array.dtype == np.uint8:
         return (array / 127.5 - 1.0).astype(np.float32)
-    x = 2 * _to_unit_float(array) - 1
+    x = 2 * to_unit_float(array) - 1
     return np.repeat(x[:, :, None], 3, axis=2) if x.ndim == 2 else x
 
 

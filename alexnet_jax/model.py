@@ -213,6 +213,19 @@ def _layer_index(name: str) -> int:
     return TRUNK_LAYERS.index(name) + 1
 
 
+def trunk_depth(x: jax.Array, layers: Sequence[str]) -> int:
+    """The deepest of `layers` (relu1..relu5) as 1..5, after checking the names and that `x` reaches it.
+
+    The trunk of both the linen and the NNX model runs only this deep.
+    **Raises:** ValueError for no layers, an unknown name, or images too small for the deepest layer.
+    """
+    if not layers:
+        raise ValueError(f"no trunk layers asked for; choose some of {', '.join(TRUNK_LAYERS)}")
+    last = max(_layer_index(name) for name in layers)
+    _check_images(x, trunk_min_size(last), f"AlexNet's conv stack up to relu{last}")
+    return last
+
+
 def _check_images(x: jax.Array, min_size: int, what: str) -> None:
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"AlexNet expects NHWC images of shape (N, H, W, 3), got {x.shape}")
@@ -292,11 +305,7 @@ class AlexNet(nn.Module):
         **Arguments:** x (N, H, W, 3) normalized images. **Returns:** {name: (N, h, w, C)}
         in the order of `layers`, in the compute dtype.
         """
-        if not layers:
-            raise ValueError(f"no trunk layers asked for; choose some of {', '.join(TRUNK_LAYERS)}")
-        last = max(_layer_index(name) for name in layers)
-        _check_images(x, trunk_min_size(last), f"AlexNet's conv stack up to relu{last}")
-        relus = self._relus(x, last)
+        relus = self._relus(x, trunk_depth(x, layers))
         return {name: relus[name] for name in layers}
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

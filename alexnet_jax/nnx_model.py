@@ -35,12 +35,11 @@ from .model import (
     POOL_OUTPUT,
     TRUNK_LAYERS,
     _check_images,
-    _layer_index,
     adaptive_avg_pool,
     check_conv_algorithm,
     conv2d,
     max_pool,
-    trunk_min_size,
+    trunk_depth,
 )
 
 # fc6's inputs: the 6x6 pooled map of conv5's channels, flattened H, W, C.
@@ -235,11 +234,7 @@ class AlexNet(nnx.Module):
         **Arguments:** x (N, H, W, 3) normalized images. **Returns:** {name: (N, h, w, C)}
         in the order of `layers`, in the compute dtype.
         """
-        if not layers:
-            raise ValueError(f"no trunk layers asked for; choose some of {', '.join(TRUNK_LAYERS)}")
-        last = max(_layer_index(name) for name in layers)
-        _check_images(x, trunk_min_size(last), f"AlexNet's conv stack up to relu{last}")
-        relus = self._relus(x, last)
+        relus = self._relus(x, trunk_depth(x, layers))
         return {name: relus[name] for name in layers}
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -83,9 +83,12 @@ def to_model_mode(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _to_unit_float(array: np.ndarray) -> np.ndarray:
-    # torchvision's convert_image_dtype: integers divided by their dtype's max in float32,
-    # floats unchanged.
+def to_unit_float(array: np.ndarray) -> np.ndarray:
+    """An image array as float32 in [0, 1] as torchvision's `convert_image_dtype` makes it.
+
+    uint8 and uint16 are divided by their dtype's maximum; floats are taken to be in [0, 1] already
+    and only cast. **Returns:** an array of the input's shape.
+    """
     if array.dtype == np.uint8:
         return array.astype(np.float32) / np.float32(255)
     if array.dtype == np.uint16:
@@ -114,7 +117,7 @@ def normalize(array: np.ndarray) -> np.ndarray:
     **Arguments:** an (H, W, 3) uint8 array, or (H, W) uint16 / float32, as `to_model_mode`
     images give. **Returns:** float32 (H, W, 3).
     """
-    x = _to_unit_float(array)
+    x = to_unit_float(array)
     if x.ndim == 2:
         x = np.repeat(x[:, :, None], 3, axis=2)
     # Same float32 operations in the same order as torchvision's Normalize.

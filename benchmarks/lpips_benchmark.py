@@ -30,8 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-SLICES = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}  # torchvision features index -> lpips's net.slice<k>
-
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     from alexnet_jax.lpips import DEFAULT_VERSION, MIN_SIZE, VERSIONS
@@ -82,22 +80,6 @@ def _import_lpips():
     return importlib.import_module("lpips")
 
 
-def torch_lpips(lpips_package, state_dict, version: str):
-    """`lpips.LPIPS(net="alex")` with torchvision AlexNet's `state_dict` as its trunk, in eval mode."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torchvision: 'pretrained' is deprecated
-        model = lpips_package.LPIPS(net="alex", version=version, pnet_rand=True, verbose=False)
-    trunk = {
-        f"slice{SLICES[int(name.split('.')[1])]}.{name.split('.', 1)[1]}": value
-        for name, value in state_dict.items()
-        if name.startswith("features.")
-    }
-    model.net.load_state_dict(trunk, strict=True)
-    return model.eval()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares a GPU with JAX here
@@ -112,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from alexnet_jax import lpips, torch_to_flax
     from alexnet_jax.reference import torch_alexnet_class
 
-    lpips_package = _import_lpips()
+    _import_lpips()  # torchvision and lpips importable before lpips.torch_reference
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from benchmark import _accelerator, _interleaved_medians
 
@@ -128,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     state_dict = model_cls().state_dict()
     params = lpips.load(torch_to_flax(state_dict), args.version)
-    model = torch_lpips(lpips_package, state_dict, args.version).to(device)
+    model = lpips.torch_reference(state_dict, args.version).to(device)
 
     rng = np.random.default_rng(0)
     x0 = rng.uniform(-1, 1, (args.batch, args.size, args.size, 3)).astype(np.float32)

@@ -29,6 +29,10 @@ def smoke(tmp_path_factory):
             "--image-size",
             "63",
             "--no-compile",
+            # XLA's convolution: the default "auto" would compile Winograd's (tested in
+            # test_winograd.py) for three programs, a minute of a smoke test's time.
+            "--conv-algorithm",
+            "xla",
             "--output",
             out,
             "--bf16",

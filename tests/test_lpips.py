@@ -26,13 +26,13 @@ Tolerances, and why:
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.metadata
 import importlib.util
 import io
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import jax
@@ -47,7 +47,6 @@ from alexnet_jax import ConversionError, lpips, save_variables, torch_to_flax
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "examples" / "lpips_distance.py"
 BENCHMARK = ROOT / "benchmarks" / "lpips_benchmark.py"
-SLICES = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}  # torchvision features index -> lpips's net.slice<k>
 DIST_RTOL, MAP_RTOL, GRAD_RTOL, BF16_RTOL = 1e-5, 1e-5, 1e-3, 3e-2
 # (31, 31): the smallest input that reaches relu5; (47, 83): non-square, odd; 160x224: larger.
 SIZES = ((31, 31), (64, 64), (47, 83), (160, 224))
@@ -73,23 +72,7 @@ def lpips_package(torchvision):
 @pytest.fixture(scope="module")
 def torch_lpips(lpips_package, state_dict):
     """`lpips.LPIPS(net="alex", version=...)` with the seeded torchvision trunk, by version (cached)."""
-    cache = {}
-
-    def make(version: str):
-        if version not in cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # torchvision: 'pretrained' is deprecated
-                model = lpips_package.LPIPS(net="alex", version=version, pnet_rand=True, verbose=False)
-            trunk = {
-                f"slice{SLICES[int(name.split('.')[1])]}.{name.split('.', 1)[1]}": value
-                for name, value in state_dict.items()
-                if name.startswith("features.")
-            }
-            model.net.load_state_dict(trunk, strict=True)
-            cache[version] = model.eval()
-        return cache[version]
-
-    return make
+    return functools.cache(lambda version: lpips.torch_reference(state_dict, version))
 
 
 @pytest.fixture(scope="module")

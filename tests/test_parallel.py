@@ -122,19 +122,24 @@ def _explicit_mesh(params, x) -> dict:
     mesh = jax.make_mesh((DEVICES,), ("data",))
     variables = {"params": params}
     out = {"axis_types": str(mesh.axis_types)}
-    for algorithm in ("xla", "winograd"):
+    # The default path forward and backward; Winograd forward only (its reshapes are what explicit
+    # axes once refused, and each of its gradients costs ~10 s to compile).
+    for algorithm, with_grads in (("xla", True), ("winograd", False)):
         model = AlexNet(num_classes=NUM_CLASSES, conv_algorithm=algorithm)
         grad = jax.grad(lambda v, x, model=model: jax.nn.log_softmax(model.apply(v, x))[:, 0].sum())
-        logits, grads = jax.jit(model.apply)(variables, x), jax.jit(grad)(variables, x)
+        logits = jax.jit(model.apply)(variables, x)
         with jax.set_mesh(mesh):
             xs = jax.device_put(x, NamedSharding(mesh, P("data")))
             vs = jax.device_put(variables, NamedSharding(mesh, P()))
-            sharded, sharded_grads = jax.jit(model.apply)(vs, xs), jax.jit(grad)(vs, xs)
+            sharded = jax.jit(model.apply)(vs, xs)
+            sharded_grads = jax.jit(grad)(vs, xs) if with_grads else None
         out[algorithm] = {
             "logits": _relative_difference(jax.device_get(sharded), jax.device_get(logits)),
-            "grads": _relative_difference(jax.device_get(sharded_grads), jax.device_get(grads)),
             "spec": list(sharded.sharding.spec),
         }
+        if with_grads:
+            grads = jax.jit(grad)(variables, x)
+            out[algorithm]["grads"] = _relative_difference(jax.device_get(sharded_grads), jax.device_get(grads))
     return out
 
 
@@ -173,7 +178,9 @@ def test_the_model_runs_under_explicit_mesh_axes(result, algorithm):
     got = result["explicit_mesh"]
     assert "Explicit" in got["axis_types"]
     assert got[algorithm]["spec"] == ["data", None]  # the logits stay split as the batch was
-    assert got[algorithm]["logits"] < TOLERANCE and got[algorithm]["grads"] < TOLERANCE, got
+    assert got[algorithm]["logits"] < TOLERANCE, got
+    assert got[algorithm].get("grads", 0.0) < TOLERANCE, got  # gradients: the default path only
+    assert ("grads" in got[algorithm]) == (algorithm == "xla")
 
 
 def test_each_device_gets_its_own_dropout_key(result):
