@@ -21,7 +21,6 @@ Multi-process runs start with `initialize_distributed` before anything else touc
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -49,7 +48,10 @@ INIT_TIMEOUT_S = 120
 # earlier, so the process ends with one line and status 1 instead.
 _ABORT_MARGIN_S = 5
 # Seconds without a heartbeat before the coordinator declares a process dead (JAX's default
-# is 100): a killed peer ends the run within about this long even if no collective notices.
+# is 100): a killed peer ends the run within about this long even if no collective notices
+# (then by jaxlib's abort: its client's missed_heartbeat_callback, which would allow a clean
+# exit, is not reachable through jax.distributed.initialize, and wrapping its factory made
+# jaxlib terminate with std::bad_cast when the callback fired).
 HEARTBEAT_TIMEOUT_S = 30
 EXIT_PEER_LOST = 1
 
@@ -118,14 +120,13 @@ def initialize_distributed(
     watchdog.daemon = True
     watchdog.start()
     try:
-        with _peer_loss_reported():
-            jax.distributed.initialize(
-                coordinator,
-                num_processes,
-                process_id,
-                initialization_timeout=timeout_s + _ABORT_MARGIN_S,
-                heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
-            )
+        jax.distributed.initialize(
+            coordinator,
+            num_processes,
+            process_id,
+            initialization_timeout=timeout_s + _ABORT_MARGIN_S,
+            heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+        )
     except Exception as e:  # jaxlib raises its own runtime error types; all mean "did not meet"
         reason = first_line(e)
         raise DistributedError(
@@ -134,46 +135,6 @@ def initialize_distributed(
         ) from e
     finally:
         watchdog.cancel()
-
-
-@contextlib.contextmanager
-def _peer_loss_reported():
-    """While `jax.distributed.initialize` runs, its client gets a callback for a lost peer.
-
-    Without one, jaxlib's client logs a fatal error and aborts (SIGABRT, a C++ stack
-    trace) when the coordinator reports a process that stopped sending heartbeats.
-    jaxlib's client takes `missed_heartbeat_callback`, but `jax.distributed.initialize`
-    does not pass one through, so the factory it calls is wrapped for that one call.
-    JAX internals: if they change shape, the wrap is skipped and jaxlib's abort stays.
-    """
-    try:
-        from jax._src.lib import _jax
-    except ImportError:
-        yield
-        return
-    factory = getattr(_jax, "get_distributed_runtime_client", None)
-    if factory is None or "missed_heartbeat_callback" not in (factory.__doc__ or ""):
-        yield
-        return
-
-    def client(*args, **kwargs):
-        kwargs.setdefault("missed_heartbeat_callback", _peer_lost)
-        return factory(*args, **kwargs)
-
-    _jax.get_distributed_runtime_client = client
-    try:
-        yield
-    finally:
-        _jax.get_distributed_runtime_client = factory
-
-
-def _peer_lost(status: Any = None) -> None:
-    # From jaxlib's error-polling thread: the run cannot go on, and no collective will return.
-    reason = str(status).strip().splitlines()[0] if status is not None and str(status).strip() else "no heartbeat"
-    _exit_now(
-        f"error: process {jax.process_index()}: another process of the run died or stopped responding "
-        f"(no heartbeat for {HEARTBEAT_TIMEOUT_S} s): {reason}"
-    )
 
 
 def _exit_now(message: str, status: int = EXIT_PEER_LOST) -> None:
@@ -187,10 +148,13 @@ def _exit_now(message: str, status: int = EXIT_PEER_LOST) -> None:
 def leave_run(status: int) -> int:
     """End this process of a multi-process run now with `status`; in a single process, return `status`.
 
-    For an entry script's failing exits: at a normal exit JAX's atexit hook waits at a
-    shutdown barrier for every peer, and when one is gone the coordinator's heartbeat
-    check aborts the process (SIGABRT, a C++ stack trace) about `HEARTBEAT_TIMEOUT_S`
-    later. Checkpoints are already on disk or reported by then; nothing is lost.
+    For an entry script's exits after a failure that may be this process's alone (a
+    failed save, a collective that lost a peer): at a normal exit JAX's atexit hook
+    waits at a shutdown barrier for every peer, and when one is gone the coordinator's
+    heartbeat check aborts the process (SIGABRT, a C++ stack trace) about
+    `HEARTBEAT_TIMEOUT_S` later. Not for failures every process meets together (a bad
+    config, a stop request): there the normal exit is clean, and leaving early would
+    take the coordinator away from peers that are still exiting.
     """
     if jax.process_count() > 1:
         sys.stdout.flush()

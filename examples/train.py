@@ -198,14 +198,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     try:
         last = train_and_evaluate(args.config, args.workdir, resume=args.resume, overwrite=args.overwrite)
-    # leave_run: in a multi-process run a failing process ends at once; JAX's shutdown
-    # barrier would wait for a peer that may be gone, then abort.
-    except StopRequested as e:
+    except StopRequested as e:  # every process stops at the same step: a normal exit
         print(e, file=sys.stderr)
-        return leave_run(e.exit_status)
-    except (DataError, NonFiniteLossError, CheckpointError, WorkdirBusyError, OSError, ValueError) as e:
+        return e.exit_status
+    except CheckpointError as e:
+        # In a multi-process run possibly this process's alone (a save that lost a peer):
+        # leave at once, JAX's shutdown barrier would wait for the peer and then abort.
         print(f"error: {e}", file=sys.stderr)
         return leave_run(1)
+    except (DataError, NonFiniteLossError, WorkdirBusyError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
         exit_if_peer_lost(e)  # in a multi-process run: one line and exit 1, else re-raised
         raise
