@@ -238,10 +238,18 @@ def _prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: i
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    # Lines written after the checkpoint we resume from would be written again: drop them.
+    # Lines written after the checkpoint we resume from would be written again: drop them,
+    # and a last line torn by a kill mid-append (it was never followed by a checkpoint).
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in path.read_text().splitlines() if (_metrics_step(line) or math.inf) <= step]
         atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())  # a kill here keeps the old file
+
+
+def _metrics_step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _over_processes(*values: int) -> np.ndarray:

@@ -318,3 +318,12 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_from_the_cli(data, tmp_path
         f"error: {tmp_path / 'checkpoints' / '1'}: checkpoint not written (File too large); writing it needs about 4"
     ), run.stderr
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_resume_drops_a_metrics_line_torn_by_a_kill(tmp_path):
+    from alexnet_jax.train import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6, "val_lo')  # killed mid-append after step 6
+    _truncate_metrics(path, 4)
+    assert path.read_text() == '{"step": 2}\n{"step": 4}\n'
