@@ -22,7 +22,7 @@ import numpy as np
 from .archs import Arch, get_arch
 from .convert import variables_architecture
 from .images import ImageReadError, Walk, load_image, walk_images
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, check_writable_folder
 from .predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, Prediction, predict
 
 RESULT_FORMATS = (".csv", ".json")
@@ -106,7 +106,10 @@ def classify_files(
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
-    """Check before a run that results can be written to `path`. **Raises:** ValueError saying why not."""
+    """Check before a run that results can be written to `path` (a file is created and removed in its folder).
+
+    **Raises:** ValueError saying why not.
+    """
     path = Path(path)
     if path.suffix.lower() not in RESULT_FORMATS:
         raise ValueError(
@@ -114,6 +117,12 @@ def check_output_path(path: str | os.PathLike) -> Path:
         )
     if not path.parent.is_dir():
         raise ValueError(f"{path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name a file")
+    try:  # a real file, not permission bits: read-only mounts and root-squashed shares too
+        check_writable_folder(path.parent, "folder")
+    except OSError as e:
+        raise ValueError(f"{path}: {e}") from None
     return path
 
 

@@ -22,6 +22,8 @@ or the metrics) and is counted in the batch's `skipped`; it never stops a run.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import math
 import os
 import sys
@@ -49,6 +51,7 @@ from .augment import (  # noqa: F401
     train_transform,
 )
 from .images import ImageReadError, load_image, walk_images
+from .shutdown import exit_with_parent
 
 # Images the colour PCA of a folder is estimated from: 1000 x 65,536 pixels pin a 3x3
 # covariance down far below the noise it scales (alpha's standard deviation is 0.1).
@@ -230,7 +233,9 @@ def _iterate(loader: _BatchLoader, start: int, stop: int, workers: int) -> Itera
             flags.FLAGS.mark_as_parsed()
         # Each worker process builds whole batches; Grain hands them back in index order.
         iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+            # A worker outliving a killed run would hold its memory and shared-memory batches for good.
+            worker_init_fn=functools.partial(exit_with_parent, os.getpid()),
         )
     else:
         # Threads in this process: Pillow releases the GIL while it decodes and resizes.
@@ -242,6 +247,12 @@ def _iterate(loader: _BatchLoader, start: int, stop: int, workers: int) -> Itera
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
+        if workers > 0:
+            # Batches Grain had already taken from the workers sit in reference cycles of its
+            # iterators; collected now, their shared memory is unlinked. Collected at exit
+            # instead, it would be left to Python's resource tracker, which warns.
+            del iterator, iterable
+            gc.collect()
 
 
 def train_batches(

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -42,6 +44,16 @@ PMAP_AXIS = "batch"  # the axis name flax's examples use for pmap
 DATA_AXIS = "data"
 # JAX's default is 300 s; a run that cannot reach its coordinator should say so sooner.
 INIT_TIMEOUT_S = 120
+# jaxlib aborts (SIGABRT) when its own initialization timeout passes; ours fires this much
+# earlier, so the process ends with one line and status 1 instead.
+_ABORT_MARGIN_S = 5
+# Seconds without a heartbeat before the coordinator declares a process dead (JAX's default
+# is 100): a killed peer ends the run within about this long even if no collective notices
+# (then by jaxlib's abort: its client's missed_heartbeat_callback, which would allow a clean
+# exit, is not reachable through jax.distributed.initialize, and wrapping its factory made
+# jaxlib terminate with std::bad_cast when the callback fired).
+HEARTBEAT_TIMEOUT_S = 30
+EXIT_PEER_LOST = 1
 
 
 class DistributedError(RuntimeError):
@@ -94,15 +106,77 @@ def initialize_distributed(
         file=sys.stderr,
         flush=True,
     )
+    where = coordinator or "the auto-detected coordinator"
+    # jaxlib aborts the process when a peer never arrives: end it first, in one line.
+    watchdog = threading.Timer(
+        timeout_s,
+        _exit_now,
+        (
+            f"error: process {process_id if process_id is not None else '?'}: not all "
+            f"{num_processes or '?'} processes joined through {where} within {timeout_s} s; "
+            "start every process (same --coordinator and --num-processes) or raise --init-timeout",
+        ),
+    )
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s)
+        jax.distributed.initialize(
+            coordinator,
+            num_processes,
+            process_id,
+            initialization_timeout=timeout_s + _ABORT_MARGIN_S,
+            heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+        )
     except Exception as e:  # jaxlib raises its own runtime error types; all mean "did not meet"
-        where = coordinator or "the auto-detected coordinator"
         reason = first_line(e)
         raise DistributedError(
             f"could not join the run through {where} within {timeout_s} s "
             f"(is process 0 running and the port reachable?): {reason}"
         ) from e
+    finally:
+        watchdog.cancel()
+
+
+def _exit_now(message: str, status: int = EXIT_PEER_LOST) -> None:
+    # Never asks JAX anything (jax.process_count() here, while the distributed client is still
+    # connecting, makes jaxlib terminate with std::bad_cast).
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)
+
+
+def leave_run(status: int) -> int:
+    """End this process of a multi-process run now with `status`; in a single process, return `status`.
+
+    For an entry script's exits after a failure that may be this process's alone (a
+    failed save, a collective that lost a peer): at a normal exit JAX's atexit hook
+    waits at a shutdown barrier for every peer, and when one is gone the coordinator's
+    heartbeat check aborts the process (SIGABRT, a C++ stack trace) about
+    `HEARTBEAT_TIMEOUT_S` later. Not for failures every process meets together (a bad
+    config, a stop request): there the normal exit is clean, and leaving early would
+    take the coordinator away from peers that are still exiting.
+    """
+    if jax.process_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def exit_if_peer_lost(error: BaseException) -> None:
+    """In a multi-process run, end this process with one line and status 1 for an error from JAX's runtime.
+
+    A peer that died or hangs makes the next collective (or the coordinator's
+    heartbeat check) fail in every other process, with an error from XLA. Called by
+    the entry script with an exception it did not expect; returns (so the caller
+    re-raises) in a single-process run or for an error that is not JAX's.
+    """
+    if jax.process_count() == 1 or not isinstance(error, jax.errors.JaxRuntimeError):
+        return
+    _exit_now(
+        f"error: process {jax.process_index()}: lost contact with the other processes of the run "
+        f"(one died or hangs): {first_line(error)}"
+    )
 
 
 def _check_port_free(port: int, coordinator: str) -> None:

@@ -8,6 +8,7 @@ Needs the `train` extra (Orbax, Grain, matplotlib). The pure steps it runs are i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,9 +36,10 @@ from .data import (
     steps_per_epoch,
     train_batches,
 )
-from .io import atomic_write_bytes, load_variables, save_variables
+from .io import atomic_write_bytes, check_writable_folder, load_variables, save_variables
 from .model import check_conv_algorithm, replace_head
 from .parallel import check_parallel_mode, make_parallel
+from .shutdown import StopRequested, StopSignals
 from .steps import (
     BASE_LR,
     EPOCHS,
@@ -54,6 +56,7 @@ from .steps import (
     step_schedule,
     summarize_eval,
 )
+from .workdir import WorkdirBusyError, WorkdirLock, finished_results, remove_results
 
 # The 2012 paper (Krizhevsky et al., section 5): wd 5e-4, lr divided by 10 whenever the
 # validation error stopped improving at the current rate.
@@ -116,6 +119,9 @@ FINAL_VARIABLES_FILE = "final.msgpack"
 CONFIG_FILE = "config.json"
 COLOUR_PCA_FILE = "colour_pca.json"
 CHECKPOINT_DIR = "checkpoints"
+# What a finished run leaves: never replaced without --resume or --overwrite. (config.json
+# alone is not a result: a run killed before its first checkpoint leaves nothing else.)
+RESULT_FILES = (FINAL_VARIABLES_FILE, METRICS_FILE, CURVES_FILE)
 # Fields that decide the trajectory: a resumed run must have the same ones to end where an
 # uninterrupted run would. `epochs` may grow (StepLR does not depend on it); `workers` changes nothing.
 _RUN_DEFINING = (
@@ -264,7 +270,14 @@ def _prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: i
         raise FileNotFoundError(f"{workdir}: no checkpoint to resume from (start without --resume)")
     if not resume and latest is not None:
         raise FileExistsError(
-            f"{workdir}: already holds checkpoints up to step {latest}; pass --resume or use a new workdir"
+            f"{workdir}: already holds checkpoints up to step {latest}; pass --resume or use a new workdir "
+            "(--overwrite deletes them)"
+        )
+    results = finished_results(workdir, RESULT_FILES)
+    if not resume and results:
+        raise FileExistsError(
+            f"{workdir}: holds the results of a finished run ({', '.join(results)}) and no checkpoint to resume "
+            "from; use a new workdir, or pass --overwrite to replace them"
         )
     if resume and config_path.is_file():
         saved = json.loads(config_path.read_text())
@@ -282,19 +295,53 @@ def _prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: i
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    # Lines written after the checkpoint we resume from would be written again: drop them.
+    # Lines written after the checkpoint we resume from would be written again: drop them,
+    # and a last line torn by a kill mid-append (it was never followed by a checkpoint).
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in path.read_text().splitlines() if (_metrics_step(line) or math.inf) <= step]
         atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())  # a kill here keeps the old file
+
+
+def _metrics_step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _over_processes(*values: int) -> np.ndarray:
+    """`values` from every process, shape (processes, len(values)); also a barrier across processes."""
+    if jax.process_count() == 1:
+        return np.asarray([values], np.int32)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int32))).reshape(-1, len(values))
 
 
 def _sum_over_processes(value: int) -> int:
     # Each process reads only its shard of the data, so it sees only its own unreadable files.
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
+    return int(_over_processes(value).sum())
 
-    return int(np.sum(multihost_utils.process_allgather(np.int32(value))))
+
+@contextlib.contextmanager
+def _own_workdir(workdir: Path, overwrite: bool):
+    """Process 0 locks `workdir` for the run (and clears it for `overwrite`); every process learns the outcome."""
+    lock, busy = WorkdirLock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirBusyError as e:
+            busy = e
+    if _over_processes(busy is not None).any():
+        raise busy or WorkdirBusyError(f"{workdir} is in use by another run (process 0 says by whom)")
+    try:
+        if overwrite:
+            if jax.process_index() == 0:
+                remove_results(workdir, (CHECKPOINT_DIR, CONFIG_FILE, *RESULT_FILES))
+            _over_processes(0)  # the others wait until it is cleared
+        yield
+    finally:
+        lock.release()
 
 
 def evaluate(state: TrainState, batches, put: Callable[[dict], dict] = dict) -> dict[str, float]:
@@ -314,6 +361,7 @@ def train_and_evaluate(
     workdir: str | os.PathLike,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     on_checkpoint: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train AlexNet on `config.data`, evaluate on `config.val_data` every epoch, checkpoint, log.
@@ -322,15 +370,23 @@ def train_and_evaluate(
     epoch's end; last `keep` and the best kept), metrics.jsonl (one line per
     evaluation), config.json, and at the end final.msgpack (`load_variables` reads
     it) and curves.png. `resume=True` continues from the latest checkpoint and ends
-    with the same parameters as a run never interrupted. `on_checkpoint(step)` is
-    called after each checkpoint is on disk (tests use it to kill the run).
+    with the same parameters as a run never interrupted; the latest checkpoint when
+    intact, else the newest intact one. `overwrite=True` (without `resume`) deletes
+    an earlier run's checkpoints and results first; without it they are never
+    replaced. `on_checkpoint(step)` is called after each checkpoint is on disk
+    (tests use it to kill the run).
+
+    One run at a time owns `workdir` (`alexnet_jax.workdir.WorkdirLock`). SIGTERM
+    or SIGINT (from the main thread) stop the run at the next step boundary with a
+    checkpoint: StopRequested, whose `exit_status` is 128 + the signal number.
     `config.parallel` spreads each step over every device ("pmap", "sharded");
     across processes (after `parallel.initialize_distributed`) each reads only its
     shard of the data and only process 0 writes files besides the checkpoints,
     which Orbax writes together.
     **Returns:** the last metrics line, with "final_variables" added.
-    **Raises:** DataError, FileNotFoundError/FileExistsError (workdir), ValueError
-    (config), NonFiniteLossError.
+    **Raises:** DataError, FileNotFoundError/FileExistsError (workdir), WorkdirBusyError,
+    OSError (a workdir that cannot be written), CheckpointError (a failed save, no intact
+    checkpoint), ValueError (config), NonFiniteLossError, StopRequested.
     """
     config.validate()
     config = config.with_arch_defaults()
@@ -348,17 +404,25 @@ def train_and_evaluate(
     if per_epoch == 0:
         raise ValueError(f"{config.data}: {len(train_data)} images is less than one batch of {config.batch_size}")
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, keep=config.keep)
-    try:
-        return _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epoch, resume, on_checkpoint)
-    finally:
-        checkpoints.close()  # also when the workdir, the weights or a restore are refused
+    workdir = check_writable_folder(workdir, "workdir")  # before hours of training, not after
+    with _own_workdir(workdir, overwrite and not resume), StopSignals() as stop:
+        checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, keep=config.keep)
+        try:
+            last = _train(
+                config, workdir, checkpoints, parallel, train_data, val_data, per_epoch, resume, on_checkpoint, stop
+            )
+        except BaseException:
+            # Also when the workdir, the weights or a restore are refused. A failed save
+            # was already raised; closing must not replace the error being raised.
+            with contextlib.suppress(Exception):
+                checkpoints.close()
+            raise
+        checkpoints.close()
+        return last
 
 
-def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epoch, resume, on_checkpoint):
-    """The loop of `train_and_evaluate`, once its checkpoint manager exists."""
+def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epoch, resume, on_checkpoint, stop):
+    """The loop of `train_and_evaluate`, once it owns the workdir and its checkpoint manager exists."""
     primary, shard = jax.process_index() == 0, {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
     total_steps = config.epochs * per_epoch
     _prepare_workdir(workdir, config, resume, checkpoints.latest_step())
@@ -388,7 +452,7 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
         metrics_path.unlink()
     state = parallel.put_state(state)
     plateau = Plateau(**loop["plateau"])
-    step = int(state.step)
+    step = first_step = int(state.step)
 
     def save(val_top1: float | None = None) -> None:
         record = {**loop, "plateau": dataclasses.asdict(plateau), "epoch": step // per_epoch}
@@ -415,7 +479,17 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
     )
     try:
         for batch in batches:
-            loop["skipped"] += _sum_over_processes(int(batch.pop("skipped")))
+            # One exchange per step tells every process the skipped files and whether any
+            # process was asked to stop, so they all stop at the same step and save together.
+            flags = _over_processes(int(batch.pop("skipped")), stop.received or 0)
+            loop["skipped"] += int(flags[:, 0].sum())
+            if flags[:, 1].any():
+                saved = None
+                if step > first_step or checkpoints.latest_step() == step:  # nothing trained: nothing to save
+                    save()
+                    checkpoints.wait()
+                    saved = str(checkpoints.directory / str(step))
+                raise StopRequested(int(flags[:, 1].max()), step, saved)
             state, metrics = parallel.step(state, parallel.put_batch(batch))
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
@@ -480,7 +554,12 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
                 save()
     finally:
         bar.close()
-        checkpoints.wait()
+        # The last batch lives in Grain's shared memory, unlinked when the array is collected:
+        # drop it while Grain's unlinking threads still run, then end the worker processes
+        # now, not when the generator is collected.
+        batch = None  # noqa: F841
+        batches.close()
+    checkpoints.wait()
     final = workdir / FINAL_VARIABLES_FILE
     params = jax.device_get(state.params)  # replicated on every device, so each process holds them whole
     if primary:

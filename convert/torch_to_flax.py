@@ -10,14 +10,16 @@ module). --verify runs the matching torch reference.
 
 Kept short on purpose: it parses flags and calls the library. Every failure is one
 line on stderr and a non-zero exit, and no output file is written (writes are
-atomic, and --verify runs before the write). Exit codes: 0 ok, 1 bad input or
-unavailable weights, 2 usage, 3 --verify found a mismatch.
+atomic, and --verify runs before the write; --output is checked for writability
+first). Exit codes: 0 ok, 1 bad input, unwritable output or unavailable weights,
+2 usage, 3 --verify found a mismatch, 130/143 interrupted by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import signal
 import sys
 from pathlib import Path
 
@@ -76,10 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from alexnet_jax import ConversionError, torch_to_flax
     from alexnet_jax.convert import ARCHITECTURES, strip_prefix, variables_architecture
-    from alexnet_jax.io import atomic_write_bytes, is_safetensors, variables_from_bytes, variables_to_bytes
+    from alexnet_jax.io import (
+        atomic_write_bytes,
+        check_writable_folder,
+        is_safetensors,
+        variables_from_bytes,
+        variables_to_bytes,
+    )
     from alexnet_jax.weights import IMAGENET1K_V1, WeightsError, fetch_state_dict, load_checkpoint
 
+    def check_output(output: Path) -> None:
+        # Before the download, the conversion and --verify, not after them.
+        if output.is_dir():
+            raise WeightsError(f"--output {output} is a folder; name a file")
+        if not output.parent.is_dir():
+            raise WeightsError(f"--output {output}: folder {output.parent} does not exist")
+        check_writable_folder(output.parent, f"--output {output}: folder")
+
     try:
+        if args.output is not None:
+            check_output(args.output)
         if args.checkpoint is not None:
             if args.url:
                 raise WeightsError("give --checkpoint or --url, not both")
@@ -88,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             state_dict, path = fetch_state_dict(args.url or IMAGENET1K_V1.url, progress=not args.no_progress)
         print(f"source: {_describe_source(path, IMAGENET1K_V1)}")
         output = args.output or Path(path.stem + ".msgpack")
-        if output.is_dir():
-            raise WeightsError(f"--output {output} is a folder; name a file")
-        if not output.parent.is_dir():
-            raise WeightsError(f"--output {output}: folder {output.parent} does not exist")
+        check_output(output)
 
         state_dict = strip_prefix(state_dict)
         variables = torch_to_flax(state_dict, allow_nonfinite=args.allow_nonfinite)
@@ -120,15 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, ConversionError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through interrupt_on_signals
+        from alexnet_jax.shutdown import exit_status
+
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"error: interrupted by {signal.Signals(signum).name}; nothing was written", file=sys.stderr)
+        return exit_status(signum)
 
 
 if __name__ == "__main__":
     # An entry script may make process-wide choices; the library never does. Before JAX
     # starts its backend: glibc keeps the memory XLA's CPU programs free (host_memory.py).
     from alexnet_jax import keep_freed_memory
+    from alexnet_jax.shutdown import interrupt_on_signals
 
     keep_freed_memory()
+    interrupt_on_signals()  # SIGTERM mid-write: the temporary file is removed, one line, exit 143
     sys.exit(main())

@@ -14,15 +14,20 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); on Slurm, Open MPI,
 Kubernetes (JobSet) and Cloud TPU `--distributed` alone is enough: JAX finds them.
 
 WORKDIR gets checkpoints/ (Orbax), metrics.jsonl (one line per epoch), config.json,
-and at the end final.msgpack (read by alexnet_jax.load_variables) and curves.png.
-Exit status: 0 trained; 1 bad data, workdir or weights, a non-finite loss, a batch that
-does not split over the devices, or processes that could not meet; 2 bad arguments.
-The work is in `alexnet_jax.train.train_and_evaluate`.
+run.lock, and at the end final.msgpack (read by alexnet_jax.load_variables) and curves.png.
+One run at a time owns a workdir; a finished run's results are replaced only with --overwrite.
+SIGTERM or Ctrl-C: a checkpoint at the next step boundary, one line, exit 128 + the signal
+(143, 130); --resume continues exactly. A second Ctrl-C stops at once.
+Exit status: 0 trained; 1 bad data, workdir (in use, not writable, full) or weights, a
+damaged checkpoint with none intact before it, a non-finite loss, a batch that does not
+split over the devices, or processes that could not meet or lost a peer; 2 bad arguments;
+143/130 stopped by SIGTERM/SIGINT after saving. The work is in `alexnet_jax.train.train_and_evaluate`.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -33,8 +38,17 @@ try:
     from alexnet_jax.checkpoint import CheckpointError
     from alexnet_jax.data import DataError
     from alexnet_jax.model import CONV_ALGORITHMS
-    from alexnet_jax.parallel import INIT_TIMEOUT_S, MODES, DistributedError, initialize_distributed
+    from alexnet_jax.parallel import (
+        INIT_TIMEOUT_S,
+        MODES,
+        DistributedError,
+        exit_if_peer_lost,
+        initialize_distributed,
+        leave_run,
+    )
+    from alexnet_jax.shutdown import StopRequested
     from alexnet_jax.train import EPOCHS, RECIPES, NonFiniteLossError, TrainConfig, train_and_evaluate
+    from alexnet_jax.workdir import WorkdirBusyError
 except ImportError as e:  # Orbax, Grain or matplotlib missing: one line, not a traceback
     sys.exit(f"error: {e}; training needs the train extra: pip install 'alexnet-jax[train]'")
 
@@ -90,6 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--freeze-features", action="store_true", help="train only the classifier (fine-tuning)")
     parser.add_argument("--seed", type=int, default=0, help="fixes initialization, data order, augmentation, dropout")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an earlier run's checkpoints and results in --workdir and start again",
+    )
     parser.add_argument(
         "--recipe",
         choices=RECIPES,
@@ -158,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds to wait for all processes to join (default %(default)s)",
     )
     args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --workdir, --overwrite replaces it: give one")
     args.config = TrainConfig(
         data=args.data,
         val_data=args.val_data,
@@ -206,10 +227,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     try:
-        last = train_and_evaluate(args.config, args.workdir, resume=args.resume)
-    except (DataError, NonFiniteLossError, CheckpointError, OSError, ValueError) as e:
+        last = train_and_evaluate(args.config, args.workdir, resume=args.resume, overwrite=args.overwrite)
+    except StopRequested as e:  # every process stops at the same step: a normal exit
+        print(e, file=sys.stderr)
+        return e.exit_status
+    except CheckpointError as e:
+        # In a multi-process run possibly this process's alone (a save that lost a peer):
+        # leave at once, JAX's shutdown barrier would wait for the peer and then abort.
+        print(f"error: {e}", file=sys.stderr)
+        return leave_run(1)
+    except (DataError, NonFiniteLossError, WorkdirBusyError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        exit_if_peer_lost(e)  # in a multi-process run: one line and exit 1, else re-raised
+        raise
     import jax
 
     if jax.process_index() > 0:
@@ -221,8 +253,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _drop_closed_loop_errors() -> None:
+    # After a failed save or restore, TensorStore finishes its pending reads and writes on its
+    # own threads and wakes Orbax's asyncio loop, already closed: Python reports each as an
+    # unraisable "RuntimeError: Event loop is closed" with a traceback, after the one-line
+    # error. Only those go.
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            default(unraisable)
+
+    sys.unraisablehook = hook
+
+
 if __name__ == "__main__":
     # An entry script may make process-wide choices; the library never does. Before JAX
     # starts its backend: glibc keeps the memory XLA's CPU programs free (host_memory.py).
     keep_freed_memory()
+    # Orbax logs each failure (with its traceback) through absl before raising it; the
+    # script reports every failure in one line of its own.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    _drop_closed_loop_errors()
     sys.exit(main())

@@ -1,6 +1,8 @@
-"""Orbax checkpoints: exact round trip of the train state, last-k-and-best retention, clear errors."""
+"""Orbax checkpoints: exact round trip, last-k-and-best retention across resumes, damaged and full-disk cases."""
 
 from __future__ import annotations
+
+import shutil
 
 import flax.linen as nn
 import jax
@@ -15,6 +17,8 @@ from alexnet_jax.steps import (
     make_optimizer,
     set_learning_rate,
 )
+
+from helpers import run_python
 
 
 def _state(seed: int = 0, lr: float = 0.1):
@@ -73,3 +77,77 @@ def test_restore_without_a_checkpoint_is_a_clear_error(tmp_path):
         Checkpoints(tmp_path / "empty").restore(_state())
     with pytest.raises(ValueError, match="keep must be at least 1"):
         Checkpoints(tmp_path / "x", keep=0)
+
+
+def test_the_best_survives_any_number_of_resumes(tmp_path):
+    """Each save opens the folder afresh, as a resumed run does: the best's val top-1 must come from disk."""
+    state = _state()
+    for k, top1 in enumerate([0.9, 0.3, None, 0.2, None, 0.1]):
+        state = _step(state, k)
+        checkpoints = Checkpoints(tmp_path / "ck", keep=1)
+        checkpoints.save(state, {}, val_top1=top1)
+        checkpoints.close()
+    checkpoints = Checkpoints(tmp_path / "ck", keep=1)
+    assert checkpoints.all_steps() == [1, 6]  # 1 is the best (0.9), 6 the latest
+    assert checkpoints.best_step() == 1
+    checkpoints.close()
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_restored(tmp_path, capsys):
+    checkpoints, state, states = Checkpoints(tmp_path / "ck"), _state(), {}
+    for k in range(3):
+        state = _step(state, k)
+        checkpoints.save(state, {"k": k})
+        states[k + 1] = state
+    checkpoints.close()
+    # A file of step 3's arrays lost (a crashed copy, a cleaner, a disk error).
+    lost = sorted((tmp_path / "ck" / "3" / "state" / "d").iterdir())
+    for path in lost:
+        path.unlink()
+
+    checkpoints = Checkpoints(tmp_path / "ck")
+    restored, loop = checkpoints.restore(_state())
+    assert int(restored.step) == 2 and loop["k"] == 1
+    assert _leaves_equal(restored.params, states[2].params)
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and f"checkpoint {tmp_path / 'ck' / '3'} is damaged" in warning[0], warning
+    assert "moved to damaged-3" in warning[0] and "tensorstore_spec" not in warning[0]
+    assert checkpoints.all_steps() == [1, 2] and (tmp_path / "ck" / "damaged-3").is_dir()
+    # The run can save step 3 again, and the set-aside copy is left for the user to inspect.
+    assert checkpoints.save(_step(restored, 2), {})
+    checkpoints.close()
+    with pytest.raises(CheckpointError, match=r"ck/1: cannot be read"):
+        shutil.rmtree(tmp_path / "ck" / "1" / "state" / "d")
+        Checkpoints(tmp_path / "ck").restore(_state(), step=1)
+
+
+# The child fakes a full disk with RLIMIT_FSIZE: a write past the limit fails with EFBIG
+# ("File too large") once SIGXFSZ is ignored, in TensorStore's C++ writes as in Python's,
+# the way ENOSPC fails a write on a full disk. (A small tmpfs would need root.)
+_FULL_DISK_CHILD = """
+import resource, signal, sys
+import flax.linen as nn, jax, jax.numpy as jnp
+from alexnet_jax.checkpoint import CheckpointError, Checkpoints
+from alexnet_jax.steps import create_train_state, make_optimizer
+model = nn.Dense(512)
+params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1024)))["params"]  # 2 MB, 4 MB with momentum
+state = create_train_state(model, params, make_optimizer(0.1), seed=0)
+checkpoints = Checkpoints(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+try:
+    checkpoints.save(state, {})
+    checkpoints.wait()
+except CheckpointError as e:
+    print(e)
+    sys.exit(1)
+"""
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_nothing_half_written(tmp_path):
+    run = run_python(["-c", _FULL_DISK_CHILD, tmp_path / "ck"], env={"JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert run.stdout.count("\n") == 1, run.stdout
+    assert f"{tmp_path / 'ck' / '0'}: checkpoint not written (File too large)" in run.stdout
+    assert "writing it needs about 4.2 MB" in run.stdout and "MB free there" in run.stdout
+    assert list((tmp_path / "ck").iterdir()) == []  # Orbax's temporary folder is gone

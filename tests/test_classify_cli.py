@@ -258,3 +258,12 @@ def test_cli_bad_arguments(weights_file, tmp_path):
     done = run_cli("--weights", weights_file, SAMPLES / "chelsea.jpg", "--output", tmp_path / "r.txt")
     assert done.returncode == 2 and "results are written as .csv or .json" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs /sys, a folder nobody can create files in (not even root)")
+def test_an_unwritable_output_is_refused_before_any_image_is_classified(weights_file):
+    with pytest.raises(ValueError, match=r"/sys/r\.csv: folder /sys is not writable \("):
+        check_output_path(Path("/sys/r.csv"))
+    done = run_cli("--weights", weights_file, SAMPLES / "chelsea.jpg", "--output", "/sys/r.csv")
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert "folder /sys is not writable" in done.stderr and "Traceback" not in done.stderr

@@ -224,3 +224,11 @@ def test_no_network_is_one_clear_line(tmp_path):
     assert "--checkpoint PATH" in lines[0]
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("*.msgpack"))
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs /sys, a folder nobody can create files in (not even root)")
+def test_an_unwritable_output_is_refused_before_reading_the_weights(tmp_path, capsys):
+    # The checkpoint does not exist: the output's folder is looked at first.
+    assert cli.main(["--checkpoint", str(tmp_path / "missing.pth"), "--output", "/sys/o.msgpack"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output /sys/o.msgpack: folder /sys is not writable (") and err.count("\n") == 1

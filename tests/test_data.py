@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,6 +20,8 @@ from alexnet_jax.data import (
     train_batches,
     train_transform,
 )
+
+from helpers import children, gone
 
 CLASSES = ("ant", "bee", "cat")
 PER_CLASS = 5
@@ -192,3 +198,44 @@ def test_a_link_loop_in_a_class_folder_is_walked_once_and_reported(tmp_path, cap
     assert [label for _, label in data.samples] == [c for c in range(len(CLASSES)) for _ in range(PER_CLASS)]
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{root / 'bee' / 'again'}: a link back to" in err
+
+
+_WORKER_CHILD = """
+import sys, time
+from alexnet_jax.data import image_folder, train_batches
+batches = train_batches(image_folder(sys.argv[1]), batch_size=2, image_size=64, seed=0, num_steps=10_000, workers=1)
+next(batches)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def _shared_memory(pids: list[int]) -> set[str]:
+    """The /dev/shm entries (batches, semaphores) that `pids` have mapped or open, by name."""
+    names = set()
+    for pid in pids:
+        try:
+            maps = open(f"/proc/{pid}/maps").read().splitlines()
+            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        for path in [line.split(None, 5)[-1] for line in maps if "/dev/shm/" in line] + fds:
+            if path.startswith("/dev/shm/"):
+                names.add(path.removeprefix("/dev/shm/").removesuffix(" (deleted)"))
+    return names
+
+
+def test_a_sigkilled_run_leaves_no_worker_and_no_shared_memory(folder):
+    """SIGKILL cannot be caught: the worker notices its parent is gone and ends; Python's resource tracker
+    then unlinks the shared memory and semaphores (before: worker and 43 /dev/shm entries left for good)."""
+    run = subprocess.Popen([sys.executable, "-c", _WORKER_CHILD, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout.readline() == "ready\n"
+        spawned = children(run.pid)  # the Grain worker and the resource tracker
+        held = _shared_memory([run.pid, *spawned])
+        assert len(spawned) == 2 and held, (spawned, held)
+    finally:
+        run.kill()
+        run.wait()
+    assert gone(spawned, within_s=10), spawned
+    assert not {name for name in held if os.path.exists(f"/dev/shm/{name}")}

@@ -1,14 +1,20 @@
-"""Variables files: round trips, atomic writes, loud errors on bad files."""
+"""Variables files: round trips, atomic writes (and what killed or full-disk writes leave), loud errors."""
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from alexnet_jax import ConversionError, load_variables, save_variables
+from alexnet_jax.io import _host, atomic_write_bytes, check_writable_folder
+
+from helpers import run_python
 
 
 @pytest.mark.parametrize("name", ["w.msgpack", "w.safetensors", "w.flax"])
@@ -133,3 +139,45 @@ def test_load_model_builds_the_2012_network_for_its_weights(tmp_path):
         load_model(tmp_path / "paper.msgpack", conv_algorithm="winograd")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_model(tmp_path / "missing.msgpack")
+
+
+def test_a_killed_writer_leaves_a_temporary_that_the_next_write_removes(tmp_path):
+    """SIGKILL mid-write cannot be cleaned up by the writer; the next write to the same file removes what it left,
+    but never a temporary file whose writer still runs."""
+    killed = run_python(
+        [
+            "-c",
+            "import os, signal, sys\nfrom pathlib import Path\nfrom alexnet_jax.io import _create_temporary\n"
+            "fd, tmp = _create_temporary(Path(sys.argv[1]), 'final.msgpack')\nos.write(fd, b'half of it')\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n",
+            tmp_path,
+        ]
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".final.msgpack.") and left.name.endswith(".tmp")
+    live = tmp_path / f".final.msgpack.{_host()}.{os.getpid()}.0123abcd.tmp"  # this process: alive
+    live.write_bytes(b"being written")
+    atomic_write_bytes(tmp_path / "final.msgpack", b"complete")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "final.msgpack"]
+
+
+def test_a_full_disk_names_the_file_and_the_space_needed(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(
+        OSError, match=r"w.bin: No space left on device; writing it needs about 2\.5 MB, .* MB free"
+    ) as e:
+        atomic_write_bytes(tmp_path / "w.bin", bytes(2_500_000))
+    assert e.value.errno == errno.ENOSPC and str(e.value).count("\n") == 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_writable_folder(tmp_path):
+    assert check_writable_folder(tmp_path / "new" / "run", "workdir") == tmp_path / "new" / "run"
+    assert os.listdir(tmp_path / "new" / "run") == []  # the probe file is gone
+    if Path("/sys").is_dir():  # not writable even for root
+        with pytest.raises(OSError, match=r"^workdir /sys/run is not writable \("):
+            check_writable_folder("/sys/run", "workdir")

@@ -201,3 +201,45 @@ def test_a_batch_that_does_not_split_over_the_devices_stops_before_training(data
         assert returncode == 1, err
         assert "global batch 7 does not divide over 2 devices; use a multiple of 2" in err
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_peer_that_never_arrives_ends_the_run_with_one_line_and_exit_1(data, tmp_path):
+    """Before: jaxlib aborted (SIGABRT, a C++ stack) after its own timeout. Process 0 alone, 3 s to wait."""
+    started = time.monotonic()
+    args = _args(data, tmp_path / "w") + ["--parallel", "sharded", "--coordinator", f"127.0.0.1:{_free_port()}"]
+    run = _run(args + ["--num-processes", "2", "--process-id", "0", "--init-timeout", "3"], timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.splitlines()[-1].startswith("error: process 0: not all 2 processes joined through 127.0.0.1:")
+    assert "within 3 s" in run.stderr and "Traceback" not in run.stderr and "Check failure" not in run.stderr
+    assert time.monotonic() - started < 40
+
+
+def test_a_dead_peer_ends_the_other_process_with_one_line_and_exit_1(data, tmp_path):
+    """Process 1 is SIGKILLed once the run has assembled (process 0 wrote config.json); process 0 must neither
+    hang nor abort (before: 43 lines and a C++ stack)."""
+    workdir = tmp_path / "w"
+    args = _args(data, workdir)
+    port, procs = _free_port(), []
+    try:
+        for i in range(2):
+            cmd = [sys.executable, str(SCRIPT), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}"]
+            cmd += ["--num-processes", "2", "--process-id", str(i), "--init-timeout", "60"]
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (workdir / "config.json").is_file():
+            assert time.monotonic() < deadline and procs[0].poll() is None, "the run never assembled"
+            time.sleep(0.1)
+        procs[1].kill()
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert procs[0].returncode == 1, err
+    # Within the heartbeat timeout (30 s) and some slack for a loaded machine.
+    assert time.monotonic() - killed < 90
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err
+    assert "Traceback" not in err and "Check failure" not in err

@@ -1,4 +1,4 @@
-"""The training loop end to end: learning, SIGKILL and exact resume, non-finite loss, CLI errors."""
+"""The training loop end to end: learning, SIGKILL/SIGTERM and exact resume, workdir ownership, CLI errors."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import dataclasses
 import json
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -23,8 +24,9 @@ from alexnet_jax.train import (
     read_metrics,
     train_and_evaluate,
 )
+from alexnet_jax.workdir import WorkdirBusyError, WorkdirLock
 
-from helpers import run_python
+from helpers import REPO, children, gone, run_python
 
 COLORS = ((220, 40, 40), (40, 200, 40), (40, 40, 220))  # one class per dominant colour: learnable in a few steps
 
@@ -186,3 +188,142 @@ def test_an_unknown_conv_algorithm_is_refused_before_training(data, tmp_path):
     with pytest.raises(ValueError, match="unknown conv algorithm 'fft'; expected one of xla, winograd, auto"):
         train_and_evaluate(_config(data, conv_algorithm="fft"), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+# The CLI in a child, with a real SIGTERM to itself once step 1 has run (the wrapped batch
+# iterator sends it when the loop asks for batch 2), and its Grain worker's pid written down.
+_SIGTERM_CHILD = """
+import contextlib, os, runpy, signal, sys
+from pathlib import Path
+import alexnet_jax.train as train
+# children()
+
+def batches(*args, **kwargs):
+    with contextlib.closing(real(*args, **kwargs)) as inner:
+        for i, batch in enumerate(inner):
+            yield batch
+            if i == 0:
+                with open(pids_path, "w") as f:
+                    f.write(" ".join(map(str, children(os.getpid()))))
+                os.kill(os.getpid(), signal.SIGTERM)
+
+real, train.train_batches = train.train_batches, batches
+pids_path, sys.argv = sys.argv[1], ["examples/train.py", *sys.argv[2:]]
+runpy.run_path("examples/train.py", run_name="__main__")
+"""
+
+
+def test_sigterm_saves_at_the_step_boundary_and_resume_is_bit_identical(straight_run, tmp_path):
+    """Slurm, Kubernetes and preemptible VMs send SIGTERM: one line, a checkpoint at step 1 (which no rule saves),
+    exit 143, the worker gone, and --resume ends where the uninterrupted run did."""
+    import inspect
+
+    config, straight_dir, straight = straight_run
+    workdir, pids = tmp_path / "run", tmp_path / "workers.txt"
+    child = _SIGTERM_CHILD.replace("# children()\n", inspect.getsource(children))
+    args = ["--data", config.data, "--val-data", config.val_data, "--workdir", workdir, "--batch-size", "12"]
+    args += ["--epochs", "2", "--lr", "0.01", "--image-size", "64", "--save-every", "3", "--keep", "1"]
+    args += ["--no-progress", "--conv-algorithm", "xla", "--workers", "1"]
+    run = run_python(["-c", child, pids, *args], env={"PYTHONPATH": str(REPO)}, timeout=120)
+    assert run.returncode == 143, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"stopped by SIGTERM at step 1: checkpoint in {workdir / 'checkpoints' / '1'}; continue with --resume"
+    ]
+    assert Checkpoints(workdir / "checkpoints").all_steps() == [1]
+    workers = [int(pid) for pid in pids.read_text().split()]  # Grain's worker and Python's resource tracker
+    assert len(workers) == 2 and gone(workers, within_s=10), workers
+
+    resumed = train_and_evaluate(config, workdir, resume=True)
+    ours, theirs = load_variables(workdir / "final.msgpack"), load_variables(straight_dir / "final.msgpack")
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+    assert read_metrics(workdir / "metrics.jsonl") == read_metrics(straight_dir / "metrics.jsonl")
+    assert resumed == {**straight, "final_variables": str(workdir / "final.msgpack")}
+
+
+def test_a_finished_run_is_kept_unless_overwrite_is_asked(data, tmp_path):
+    config = _config(data, epochs=1, save_every=0, batch_size=12)
+    old = {"final.msgpack": b"weights of the earlier run", "metrics.jsonl": b'{"step": 9}\n'}
+    for name, content in old.items():
+        (tmp_path / name).write_bytes(content)  # a finished run whose checkpoints/ was deleted
+    with pytest.raises(FileExistsError, match=r"holds the results of a finished run \(final.msgpack, metrics.jsonl\)"):
+        train_and_evaluate(config, tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in old} == old
+    assert not (tmp_path / "config.json").exists()
+
+    train_and_evaluate(config, tmp_path, overwrite=True)
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [2]
+    assert Checkpoints(tmp_path / "checkpoints").all_steps() == [2]
+
+
+def test_a_workdir_is_owned_by_one_run_at_a_time(data, tmp_path):
+    """A second run is refused before it writes anything, naming the holder; a SIGKILLed holder leaves no stale lock."""
+    import socket
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom alexnet_jax.workdir import WorkdirLock\n"
+            "WorkdirLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(120)\n",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(
+            WorkdirBusyError, match=rf"in use by another run \(pid {holder.pid} on {socket.gethostname()}"
+        ):
+            train_and_evaluate(_config(data), tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    with WorkdirLock(tmp_path):  # the kernel released the killed holder's lock
+        pass
+
+
+def test_an_unwritable_workdir_is_refused_before_training(data):
+    if not Path("/sys").is_dir():
+        pytest.skip("needs /sys, a folder nobody can create files in (not even root)")
+    with pytest.raises(OSError, match=r"workdir /sys/alexnet-run is not writable \("):
+        train_and_evaluate(_config(data), "/sys/alexnet-run")
+
+
+def _disk_of_50_mb() -> None:
+    # A full disk, faked (a small tmpfs needs root): writes past 50 MB fail with EFBIG, in
+    # TensorStore's C++ as in Python, once SIGXFSZ no longer kills the process.
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000_000, resource.RLIM_INFINITY))
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_from_the_cli(data, tmp_path):
+    """Before: 413 lines. Now one, naming the folder and the ~456 MB the checkpoint needs; nothing half-written."""
+    train, val = data
+    args = ["--data", train, "--val-data", val, "--workdir", tmp_path, "--batch-size", "12", "--epochs", "1"]
+    args += ["--lr", "0.01", "--image-size", "64", "--save-every", "1", "--no-progress", "--conv-algorithm", "xla"]
+    run = subprocess.run(
+        [sys.executable, REPO / "examples" / "train.py", *map(str, args), "--workers", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_disk_of_50_mb,
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith(
+        f"error: {tmp_path / 'checkpoints' / '1'}: checkpoint not written (File too large); writing it needs about 4"
+    ), run.stderr
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_resume_drops_a_metrics_line_torn_by_a_kill(tmp_path):
+    from alexnet_jax.train import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6, "val_lo')  # killed mid-append after step 6
+    _truncate_metrics(path, 4)
+    assert path.read_text() == '{"step": 2}\n{"step": 4}\n'
