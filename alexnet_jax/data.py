@@ -253,6 +253,22 @@ def _iterate(loader: _BatchLoader, start: int, stop: int, workers: int) -> Itera
             # instead, it would be left to Python's resource tracker, which warns.
             del iterator, iterable
             gc.collect()
+            _wait_for_shared_memory_unlinks()
+
+
+def _wait_for_shared_memory_unlinks() -> None:
+    # Grain unlinks a collected batch's shared memory on a pool of one thread
+    # (SharedMemoryArray.enable_async_del(1) in process_prefetch.py). A process that exits
+    # right after a stop could leave those unlinks undone, and the resource tracker would do
+    # them with a warning after the stop line (seen on a loaded machine). A task queued
+    # behind them returns once they are done. Grain's private attribute: looked up, not assumed.
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:
+        return
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        pool.apply(int)
 
 
 def train_batches(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,18 @@ def run_python(
         text=True,
         timeout=timeout,
     )
+
+
+def json_from_script_on_devices(script: str | os.PathLike, devices: int) -> dict:
+    """Run a test module as a script on `devices` forced CPU devices; the JSON of its last stdout line.
+
+    The rest of the suite runs on one device, and XLA's device count is fixed when JAX
+    starts, so multi-device checks compute in a child and the tests read what it printed.
+    """
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    run = run_python([script], env={"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def children(pid: int) -> list[int]:

@@ -10,13 +10,12 @@ in a different order (per device, then across devices), nothing else differs.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import pytest
 
-from helpers import REPO, run_python
+from helpers import REPO, json_from_script_on_devices
 
 DEVICES = 4
 STEPS = 2  # the second step reads the momentum of the first
@@ -145,13 +144,7 @@ def _explicit_mesh(params, x) -> dict:
 
 @pytest.fixture(scope="module")
 def result():
-    env = {
-        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
-        "JAX_PLATFORMS": "cpu",
-    }
-    run = run_python([__file__], env=env)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return json_from_script_on_devices(__file__, DEVICES)
 
 
 def test_the_comparison_is_not_vacuous(result):

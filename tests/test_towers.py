@@ -11,12 +11,11 @@ halves, gradients over the data shards), nothing else differs.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest
 
-from helpers import REPO, run_python
+from helpers import REPO, json_from_script_on_devices
 
 DEVICES = 4
 BATCH = 4  # 2 images per data-parallel pair of towers
@@ -103,13 +102,7 @@ def _child() -> dict:
 
 @pytest.fixture(scope="module")
 def result():
-    env = {
-        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
-        "JAX_PLATFORMS": "cpu",
-    }
-    run = run_python([__file__], env=env)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return json_from_script_on_devices(__file__, DEVICES)
 
 
 def test_two_towers_give_the_single_device_logits(result):
