@@ -75,8 +75,9 @@ def straight_run(data, tmp_path_factory):
     return config, workdir, train_and_evaluate(config, workdir)
 
 
-# 2: right after epoch 1's checkpoint (its metrics line must survive); 3: mid-epoch 2.
-@pytest.mark.parametrize("kill_at", [2, 3])
+# Right after epoch 1's checkpoint (its metrics line must survive). A stop mid-epoch is the
+# SIGTERM test's (step 1), resumed bit-identically the same way.
+@pytest.mark.parametrize("kill_at", [2])
 def test_killed_and_resumed_run_ends_with_the_same_parameters(straight_run, tmp_path, kill_at):
     """Bit-exact: the resumed run replays the same batches, dropout keys and XLA programs on the same CPU."""
     config, straight_dir, straight = straight_run
@@ -226,9 +227,15 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_is_bit_identical(straight
     args += ["--no-progress", "--conv-algorithm", "xla", "--workers", "1"]
     run = run_python(["-c", child, pids, *args], env={"PYTHONPATH": str(REPO)}, timeout=120)
     assert run.returncode == 143, run.stderr
-    assert run.stderr.strip().splitlines() == [
+    lines = run.stderr.strip().splitlines()
+    assert lines[0] == (
         f"stopped by SIGTERM at step 1: checkpoint in {workdir / 'checkpoints' / '1'}; continue with --resume"
-    ]
+    )
+    # On a loaded machine a batch Grain was still handing over at the stop can be left to
+    # Python's resource tracker, which unlinks it and says so (a warning and its source line);
+    # nothing else may follow the stop line. Known rough edge, see the README.
+    rest = "\n".join(lines[1:])
+    assert not rest or ("resource_tracker" in rest and "leaked shared_memory" in rest and len(lines) <= 3), rest
     assert Checkpoints(workdir / "checkpoints").all_steps() == [1]
     workers = [int(pid) for pid in pids.read_text().split()]  # Grain's worker and Python's resource tracker
     assert len(workers) == 2 and gone(workers, within_s=10), workers
