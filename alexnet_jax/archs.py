@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .augment import eval_transform, paper_eval_transform, paper_train_transform, train_transform
-from .model import MIN_SIZE, AlexNet
+from .model import CONV_ALGORITHMS, MIN_SIZE, AlexNet
 from .model2012 import INPUT_SIZE, AlexNet2012, stack_sizes
 from .model2012 import POOL_OUTPUT as _POOL_OUTPUT
 from .preprocess import CROP_SIZE
@@ -49,8 +49,7 @@ class Arch:
     train_transform: Callable[[Image.Image, int, np.random.Generator], np.ndarray]
     eval_transform: Callable[[Image.Image, int, int], np.ndarray]
     recipe: str  # "torchvision" or "paper" (see `train.RECIPES`)
-    batch_size: int  # default global batch
-    lr_batch_size: int  # the batch the base rate 0.01 is for; other batches scale it linearly
+    batch_size: int  # default global batch, and the batch the base rate 0.01 is for (others scale it linearly)
     colour_pca: str  # default colour noise, one of COLOUR_PCA_CHOICES
     conv_algorithms: tuple[str, ...]  # `model.CONV_ALGORITHMS` the model honours
 
@@ -82,9 +81,8 @@ ARCHS: dict[str, Arch] = {
         eval_transform=eval_transform,
         recipe="torchvision",
         batch_size=256,
-        lr_batch_size=256,
         colour_pca="none",
-        conv_algorithms=("xla", "winograd", "auto"),
+        conv_algorithms=CONV_ALGORITHMS,
     ),
     "2012": Arch(
         name="2012",
@@ -98,7 +96,6 @@ ARCHS: dict[str, Arch] = {
         eval_transform=paper_eval_transform,
         recipe="paper",
         batch_size=128,
-        lr_batch_size=128,
         colour_pca="imagenet",
         conv_algorithms=("xla", "auto"),
     ),

@@ -386,6 +386,12 @@ def trunk_features(
     return model.apply({"params": variables["params"]}, x, tuple(layers), method=AlexNet.trunk)
 
 
+def check_num_classes(num_classes: int) -> None:
+    """**Raises:** ValueError for a head of fewer than one output (every model and head swap checks this)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+
+
 def replace_head(variables: Mapping[str, Any], num_classes: int, *, seed: int = 0) -> dict[str, Any]:
     """`variables` (or a bare params tree) with classifier_6 drawn afresh for `num_classes` outputs.
 
@@ -394,8 +400,7 @@ def replace_head(variables: Mapping[str, Any], num_classes: int, *, seed: int = 
     bias) in the dtype of the old one, drawn from `seed`; everything else is shared.
     **Returns:** a new tree of the same form; classifier_6 kernel (4096, num_classes), bias (num_classes,).
     """
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    check_num_classes(num_classes)
     if "params" in variables:
         return {**variables, "params": replace_head(variables["params"], num_classes, seed=seed)}
     kernel = variables["classifier_6"]["kernel"]

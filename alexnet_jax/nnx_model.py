@@ -42,6 +42,7 @@ from .model import (
     _check_images,
     adaptive_avg_pool,
     check_conv_algorithm,
+    check_num_classes,
     conv2d,
     max_pool,
     trunk_depth,
@@ -185,8 +186,7 @@ class _Loadable(nnx.Module):
 
         For fine-tuning on another label set; everything else is kept.
         """
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        check_num_classes(num_classes)
         self.classifier_6 = self._new_head(num_classes, rngs)
         self.num_classes = num_classes
 
@@ -241,8 +241,7 @@ class AlexNet(_Loadable):
         rngs: nnx.Rngs,
     ):
         check_conv_algorithm(conv_algorithm)
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        check_num_classes(num_classes)
         self.num_classes = num_classes
         self.dropout_rate = dropout_rate
         self.dtype = dtype
@@ -342,8 +341,7 @@ class AlexNet2012(_Loadable):
         lrn_k: float = LRN_K,
         rngs: nnx.Rngs,
     ):
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        check_num_classes(num_classes)
         self.num_classes, self.dropout_rate, self.dtype, self.param_dtype = (
             num_classes,
             dropout_rate,
