@@ -240,7 +240,7 @@ class TrainConfig:
     def resolved(self, num_class_folders: int) -> TrainConfig:
         """A copy with the defaults that depend on the arch, the data and the recipe filled in, paths absolute."""
         self = self.with_arch_defaults()
-        base_batch = get_arch(self.arch).lr_batch_size
+        base_batch = get_arch(self.arch).batch_size
         return dataclasses.replace(
             self,
             data=str(Path(self.data).absolute()),
@@ -482,7 +482,6 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
             # One exchange per step tells every process the skipped files and whether any
             # process was asked to stop, so they all stop at the same step and save together.
             flags = _over_processes(int(batch.pop("skipped")), stop.received or 0)
-            loop["skipped"] += int(flags[:, 0].sum())
             if flags[:, 1].any():
                 saved = None
                 if step > first_step or checkpoints.latest_step() == step:  # nothing trained: nothing to save
@@ -490,6 +489,8 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
                     checkpoints.wait()
                     saved = str(checkpoints.directory / str(step))
                 raise StopRequested(int(flags[:, 1].max()), step, saved)
+            # Counted once the batch is trained: a stopped run's resume reads this batch again.
+            loop["skipped"] += int(flags[:, 0].sum())
             state, metrics = parallel.step(state, parallel.put_batch(batch))
             loss = float(metrics["loss"])
             if not math.isfinite(loss):

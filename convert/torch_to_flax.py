@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             state_dict, path = fetch_state_dict(args.url or IMAGENET1K_V1.url, progress=not args.no_progress)
         print(f"source: {_describe_source(path, IMAGENET1K_V1)}")
         output = args.output or Path(path.stem + ".msgpack")
-        check_output(output)
+        if args.output is None:  # a given --output was checked before the download
+            check_output(output)
 
         state_dict = strip_prefix(state_dict)
         variables = torch_to_flax(state_dict, allow_nonfinite=args.allow_nonfinite)
