@@ -22,7 +22,7 @@ import numpy as np
 from .archs import Arch, get_arch
 from .convert import variables_architecture
 from .images import ImageReadError, Walk, load_image, walk_images
-from .io import atomic_write_bytes, check_writable_folder
+from .io import atomic_write_bytes, check_output_file
 from .predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, Prediction, predict
 
 RESULT_FORMATS = (".csv", ".json")
@@ -115,15 +115,7 @@ def check_output_path(path: str | os.PathLike) -> Path:
         raise ValueError(
             f"{path}: results are written as {' or '.join(RESULT_FORMATS)}; got suffix {path.suffix or '(none)'!r}"
         )
-    if not path.parent.is_dir():
-        raise ValueError(f"{path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; name a file")
-    try:  # a real file, not permission bits: read-only mounts and root-squashed shares too
-        check_writable_folder(path.parent, "folder")
-    except OSError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return path
+    return check_output_file(path)
 
 
 def _rows(results: Iterable[FileResult]) -> list[dict[str, Any]]:

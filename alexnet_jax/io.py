@@ -123,6 +123,24 @@ def check_writable_folder(folder: str | os.PathLike, what: str = "output folder"
     return folder
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Check before a run that a results file can be written at `path`: its folder exists, `path`
+    is not a folder, and a file can be created there (`check_writable_folder`).
+
+    **Raises:** ValueError with one line naming `path` and the reason.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name a file")
+    try:  # a real file, not permission bits: read-only mounts and root-squashed shares too
+        check_writable_folder(path.parent, "folder")
+    except OSError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that `path` is either untouched or complete.
 

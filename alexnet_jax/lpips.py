@@ -47,7 +47,7 @@ from jax import lax
 
 from .convert import _check, _flat_params
 from .images import ImageReadError, is_image_name, load_image
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, check_output_file
 from .model import CONV_LAYERS, TRUNK_LAYERS, trunk_features, trunk_min_size
 from .predict import DEFAULT_BATCH_SIZE, padded_size
 from .preprocess import to_model_mode, to_unit_float
@@ -418,13 +418,14 @@ def distance_files(
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
-    """Check before a run that results can be written to `path`. **Raises:** ValueError saying why not."""
+    """Check before a run that results can be written to `path` (a file is created and removed in its folder).
+
+    **Raises:** ValueError saying why not.
+    """
     path = Path(path)
     if path.suffix.lower() != ".csv":
         raise ValueError(f"{path}: results are written as .csv; got suffix {path.suffix or '(none)'!r}")
-    if not path.parent.is_dir():
-        raise ValueError(f"{path}: folder {path.parent} does not exist")
-    return path
+    return check_output_file(path)
 
 
 def write_results(path: str | os.PathLike, results: Sequence[PairResult]) -> Path:

@@ -376,6 +376,22 @@ def test_cli_bad_named_file_exits_1_in_one_line(tmp_path, photos, weights_file, 
     assert e.value.code == 2 and "give exactly two image files, got 1" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs /sys, a folder nobody can create files in (not even root)")
+def test_an_unwritable_output_is_refused_before_any_pair_is_read(tmp_path, photos, weights_file, capsys):
+    with pytest.raises(ValueError, match=r"/sys/d\.csv: folder /sys is not writable \("):
+        lpips.check_output_path(Path("/sys/d.csv"))
+    dir0, dir1 = _write_pair_folders(tmp_path, photos)
+    # Argument checks run in argparse, before JAX or any image: no process of their own needed.
+    spec = importlib.util.spec_from_file_location("lpips_distance", CLI)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(
+            ["--weights", str(weights_file), "--dir0", str(dir0), "--dir1", str(dir1), "--output", "/sys/d.csv"]
+        )
+    assert e.value.code == 2 and "folder /sys is not writable" in capsys.readouterr().err
+
+
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
