@@ -21,6 +21,7 @@ Multi-process runs start with `initialize_distributed` before anything else touc
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import os
@@ -36,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .peers import LINGER_MARGIN_S, CoordinatorService, PeerWatch
 from .steps import TrainState, apply_step, train_step
 from .weights import first_line
 
@@ -47,12 +49,10 @@ INIT_TIMEOUT_S = 120
 # jaxlib aborts (SIGABRT) when its own initialization timeout passes; ours fires this much
 # earlier, so the process ends with one line and status 1 instead.
 _ABORT_MARGIN_S = 5
-# Seconds without a heartbeat before the coordinator declares a process dead (JAX's default
-# is 100): a killed peer ends the run within about this long even if no collective notices
-# (then by jaxlib's abort: its client's missed_heartbeat_callback, which would allow a clean
-# exit, is not reachable through jax.distributed.initialize, and wrapping its factory made
-# jaxlib terminate with std::bad_cast when the callback fired).
-HEARTBEAT_TIMEOUT_S = 30
+# Seconds a peer may be silent before the others end the run (one line, exit 1; peers.py).
+PEER_TIMEOUT_S = 30
+# jaxlib's own heartbeat timeout is only a backstop (it ends processes by SIGABRT): longer than ours.
+_JAXLIB_HEARTBEAT_MARGIN_S = 30
 EXIT_PEER_LOST = 1
 
 
@@ -66,6 +66,7 @@ def initialize_distributed(
     process_id: int | None = None,
     *,
     timeout_s: int = INIT_TIMEOUT_S,
+    peer_timeout_s: int = PEER_TIMEOUT_S,
 ) -> None:
     """Join a multi-process run (`jax.distributed.initialize`); call before any other JAX call.
 
@@ -77,11 +78,23 @@ def initialize_distributed(
     jaxlib aborts the whole process (SIGABRT, no Python exception) when it cannot
     reach the coordinator, so with an explicit address the other processes first
     wait for its port themselves and fail with a clear error; process 0 checks that
-    the port is free. If process 0 is up but a peer never arrives, jaxlib still
-    aborts after `timeout_s`: bounded, with the message printed just before.
+    the port is free. A peer that never arrives ends every waiting process after
+    `timeout_s` with one line and status 1.
+
+    Once joined, a peer that dies or hangs ends this process with one line and status 1
+    within `peer_timeout_s` (or at once, when a collective notices first), including
+    process 0: it serves the coordination service from a child process that outlives it
+    long enough (`peers.py` says why). Process-wide on purpose: this starts a thread,
+    and in process 0 that child, and registers an exit hook that ends both after JAX's
+    shutdown barrier.
     **Raises:** ValueError for a malformed address or a process id out of range;
     DistributedError when the coordinator cannot be reached or bound within `timeout_s`.
     """
+    if timeout_s < 1:
+        raise ValueError(f"initialization timeout must be at least 1 s, got {timeout_s}")
+    if peer_timeout_s < 2:
+        raise ValueError(f"peer timeout must be at least 2 s, got {peer_timeout_s}")
+    coordinator, num_processes, process_id = _detect(coordinator, num_processes, process_id, timeout_s)
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"number of processes must be at least 1, got {num_processes}")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
@@ -90,14 +103,13 @@ def initialize_distributed(
         )
     if process_id is not None and process_id < 0:
         raise ValueError(f"process id must be at least 0, got {process_id}")
-    if timeout_s < 1:
-        raise ValueError(f"initialization timeout must be at least 1 s, got {timeout_s}")
+    service = None
     if coordinator is not None:
         host, _, port = coordinator.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"coordinator address {coordinator!r} is not HOST:PORT (e.g. 10.0.0.1:1234)")
         if process_id == 0:
-            _check_port_free(int(port), coordinator)
+            _check_port_free(int(port), coordinator, peer_timeout_s)
         elif process_id is not None:
             _wait_for_port(host.strip("[]"), int(port), timeout_s, coordinator)
     print(
@@ -107,6 +119,23 @@ def initialize_distributed(
         flush=True,
     )
     where = coordinator or "the auto-detected coordinator"
+    heartbeat_timeout_s = peer_timeout_s + _JAXLIB_HEARTBEAT_MARGIN_S
+    extra = {}
+    if process_id == 0 and coordinator is not None and (num_processes or 0) > 1:
+        bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", f"[::]:{coordinator.rpartition(':')[2]}")
+        try:
+            service = CoordinatorService(
+                bind,
+                num_processes,
+                heartbeat_timeout_s=heartbeat_timeout_s,
+                linger_s=peer_timeout_s + LINGER_MARGIN_S,
+                timeout_s=timeout_s,
+            )
+        except RuntimeError as e:
+            raise DistributedError(f"process 0 cannot serve as coordinator {coordinator}: {e}") from e
+        # JAX starts a service in process 0 whatever it is told; this one, on a port of its
+        # own on the loopback, is never contacted (the clients go to `coordinator`).
+        extra["coordinator_bind_address"] = "127.0.0.1:0"
     # jaxlib aborts the process when a peer never arrives: end it first, in one line.
     watchdog = threading.Timer(
         timeout_s,
@@ -125,9 +154,12 @@ def initialize_distributed(
             num_processes,
             process_id,
             initialization_timeout=timeout_s + _ABORT_MARGIN_S,
-            heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+            **extra,
         )
     except Exception as e:  # jaxlib raises its own runtime error types; all mean "did not meet"
+        if service is not None:
+            service.close()
         reason = first_line(e)
         raise DistributedError(
             f"could not join the run through {where} within {timeout_s} s "
@@ -135,6 +167,59 @@ def initialize_distributed(
         ) from e
     finally:
         watchdog.cancel()
+    watch = None
+    if jax.process_count() > 1:
+        watch = PeerWatch(
+            _distributed_client(),
+            jax.process_index(),
+            jax.process_count(),
+            timeout_s=peer_timeout_s,
+            on_lost=_exit_now,
+            active=jax.distributed.is_initialized,
+        ).start()
+    # Registered after JAX's own exit hook, so it runs before it: the watch keeps beating
+    # through JAX's shutdown barrier (a peer still finishing must not take this process
+    # for dead, nor this one it), and the service ends only after every process passed it.
+    atexit.register(_leave_cleanly, watch, service)
+
+
+def _detect(
+    coordinator: str | None, num_processes: int | None, process_id: int | None, timeout_s: int
+) -> tuple[str | None, int | None, int | None]:
+    # Process 0 must know it is process 0, and the port, before JAX starts: it serves the
+    # coordinator from a child process. JAX's own cluster detection (Slurm, Open MPI,
+    # Kubernetes, Cloud TPU) answers; where it finds nothing, JAX's initialize says so.
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if None not in (coordinator, num_processes, process_id):
+        return coordinator, num_processes, process_id
+    try:
+        from jax._src.clusters import ClusterEnv  # private: looked up, not assumed
+
+        found = ClusterEnv.auto_detect_unset_distributed_params(
+            coordinator, num_processes, process_id, None, None, timeout_s
+        )
+    except Exception:  # JAX's initialize detects again and reports what it cannot find
+        return coordinator, num_processes, process_id
+    return found[0], found[1], found[2]
+
+
+def _distributed_client() -> Any:
+    # JAX keeps its runtime client (and the key-value store on it) in a private module;
+    # Orbax reaches it the same way.
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialized: no runtime client to send heartbeats through")
+    return client
+
+
+def _leave_cleanly(watch: PeerWatch | None, service: CoordinatorService | None) -> None:
+    jax.distributed.shutdown()  # JAX's barrier: every process has arrived when it returns
+    if watch is not None:
+        watch.stop()
+    if service is not None:
+        service.close()
 
 
 def _exit_now(message: str, status: int = EXIT_PEER_LOST) -> None:
@@ -150,11 +235,10 @@ def leave_run(status: int) -> int:
 
     For an entry script's exits after a failure that may be this process's alone (a
     failed save, a collective that lost a peer): at a normal exit JAX's atexit hook
-    waits at a shutdown barrier for every peer, and when one is gone the coordinator's
-    heartbeat check aborts the process (SIGABRT, a C++ stack trace) about
-    `HEARTBEAT_TIMEOUT_S` later. Not for failures every process meets together (a bad
-    config, a stop request): there the normal exit is clean, and leaving early would
-    take the coordinator away from peers that are still exiting.
+    waits at a shutdown barrier for every peer, and when one is gone only the peer watch
+    ends the wait, `peer_timeout_s` later and with a second message. Not for failures
+    every process meets together (a bad config, a stop request): there the normal exit
+    is clean, and leaving early would take the coordinator away from peers still exiting.
     """
     if jax.process_count() > 1:
         sys.stdout.flush()
@@ -179,15 +263,16 @@ def exit_if_peer_lost(error: BaseException) -> None:
     )
 
 
-def _check_port_free(port: int, coordinator: str) -> None:
-    # jax binds the coordinator service on every interface at this port.
+def _check_port_free(port: int, coordinator: str, peer_timeout_s: int) -> None:
+    # The service binds on every interface at this port (jaxlib crashes, SIGSEGV, on a taken one).
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", port))
         except OSError as e:
             raise DistributedError(
-                f"process 0 cannot serve as coordinator {coordinator}: port {port} is taken ({e.strerror})"
+                f"process 0 cannot serve as coordinator {coordinator}: port {port} is taken ({e.strerror}); "
+                f"the coordinator of a run that just failed keeps it up to {peer_timeout_s + LINGER_MARGIN_S} s"
             ) from e
 
 

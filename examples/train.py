@@ -12,6 +12,7 @@
 Across processes every process runs the same command but its --process-id (or sets
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); on Slurm, Open MPI,
 Kubernetes (JobSet) and Cloud TPU `--distributed` alone is enough: JAX finds them.
+A process that dies or hangs ends the others within --peer-timeout seconds (one line, exit 1).
 
 WORKDIR gets checkpoints/ (Orbax), metrics.jsonl (one line per epoch), config.json,
 run.lock, and at the end final.msgpack (read by alexnet_jax.load_variables) and curves.png.
@@ -41,6 +42,7 @@ try:
     from alexnet_jax.parallel import (
         INIT_TIMEOUT_S,
         MODES,
+        PEER_TIMEOUT_S,
         DistributedError,
         exit_if_peer_lost,
         initialize_distributed,
@@ -176,6 +178,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=INIT_TIMEOUT_S,
         help="seconds to wait for all processes to join (default %(default)s)",
     )
+    parser.add_argument(
+        "--peer-timeout",
+        type=int,
+        default=PEER_TIMEOUT_S,
+        help="seconds without a heartbeat from another process before this one ends the run, "
+        "with one line and exit 1 (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --workdir, --overwrite replaces it: give one")
@@ -219,7 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.distributed:  # before anything else touches JAX
         try:
-            initialize_distributed(args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout)
+            initialize_distributed(
+                args.coordinator,
+                args.num_processes,
+                args.process_id,
+                timeout_s=args.init_timeout,
+                peer_timeout_s=args.peer_timeout,
+            )
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -233,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_status
     except CheckpointError as e:
         # In a multi-process run possibly this process's alone (a save that lost a peer):
-        # leave at once, JAX's shutdown barrier would wait for the peer and then abort.
+        # leave at once, JAX's shutdown barrier would wait for the peer until the peer watch ends it.
         print(f"error: {e}", file=sys.stderr)
         return leave_run(1)
     except (DataError, NonFiniteLossError, WorkdirBusyError, OSError, ValueError) as e:

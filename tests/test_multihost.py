@@ -8,6 +8,7 @@ final weights. The children are bounded by a timeout and killed in `finally`.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 from alexnet_jax import load_variables
 from alexnet_jax.train import TrainConfig, read_metrics, train_and_evaluate
 
-from helpers import REPO, run_python
+from helpers import REPO, children, gone, run_python
 from test_parallel import _relative_difference
 from test_train_loop import _colour_folder
 
@@ -214,32 +215,85 @@ def test_a_peer_that_never_arrives_ends_the_run_with_one_line_and_exit_1(data, t
     assert time.monotonic() - started < 40
 
 
-def test_a_dead_peer_ends_the_other_process_with_one_line_and_exit_1(data, tmp_path):
-    """Process 1 is SIGKILLed once the run has assembled (process 0 wrote config.json); process 0 must neither
-    hang nor abort (before: 43 lines and a C++ stack)."""
-    workdir = tmp_path / "w"
-    args = _args(data, workdir)
+def _start_two(args: list[str], workdir: Path, extra: list[str] = ()) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of a run, returned once it has assembled (process 0 wrote config.json)."""
     port, procs = _free_port(), []
-    try:
-        for i in range(2):
-            cmd = [sys.executable, str(SCRIPT), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}"]
-            cmd += ["--num-processes", "2", "--process-id", str(i), "--init-timeout", "60"]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True))
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (workdir / "config.json").is_file():
-            assert time.monotonic() < deadline and procs[0].poll() is None, "the run never assembled"
-            time.sleep(0.1)
-        procs[1].kill()
-        killed = time.monotonic()
-        _, err = procs[0].communicate(timeout=120)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert procs[0].returncode == 1, err
-    # Within the heartbeat timeout (30 s) and some slack for a loaded machine.
-    assert time.monotonic() - killed < 90
+    for i in range(2):
+        cmd = [sys.executable, str(SCRIPT), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}"]
+        cmd += ["--num-processes", "2", "--process-id", str(i), "--init-timeout", "60", *extra]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (workdir / "config.json").is_file():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            _end(procs)
+            pytest.fail(f"the run never assembled: {[p.stderr.read()[-2000:] for p in procs]}")
+        time.sleep(0.1)
+    return procs
+
+
+def _end(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _one_error_line(err: str) -> str:
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err
-    assert "Traceback" not in err and "Check failure" not in err
+    assert "Traceback" not in err and "Check failure" not in err and "Terminating process" not in err, err
+    return errors[0]
+
+
+def test_a_dead_coordinator_ends_the_other_process_with_one_line_and_exit_1(data, tmp_path):
+    """Process 0, which holds the coordinator, is SIGKILLed once the run has assembled. Before: process 1 was
+    aborted by jaxlib at once (SIGABRT, a C++ stack). Its coordination service runs in a child of its own,
+    which serves on until the others had time to notice and then ends by itself."""
+    workdir = tmp_path / "w"
+    procs = _start_two(_args(data, workdir), workdir, ["--peer-timeout", "5"])
+    try:
+        service = children(procs[0].pid)  # the coordination service (and nothing else: --workers 0)
+        assert len(service) == 1, service
+        procs[0].kill()
+        killed = time.monotonic()
+        _, err = procs[1].communicate(timeout=120)
+    finally:
+        _end(procs)
+    assert procs[1].returncode == 1, err
+    assert time.monotonic() - killed < 60  # a collective notices at once; the watch within 5 s
+    assert "process 1: lost contact with" in _one_error_line(err)
+    assert gone(service, within_s=60), "the coordination service outlived its linger (5 + 10 s)"
+
+
+def test_a_hung_peer_ends_the_other_process_within_the_peer_timeout(data, tmp_path):
+    """Process 1 is stopped (SIGSTOP: alive, connected, silent), so process 0 waits in a collective that
+    never fails. Its heartbeat watch ends it with one line after --peer-timeout; before, jaxlib aborted it
+    when the coordinator's own heartbeat timeout passed."""
+    workdir = tmp_path / "w"
+    procs = _start_two(_args(data, workdir), workdir, ["--peer-timeout", "5"])
+    try:
+        procs[1].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        _end(procs)
+    assert procs[0].returncode == 1, err
+    assert 4 <= time.monotonic() - stopped < 60  # its last heartbeat came up to 1 s before the stop
+    assert _one_error_line(err).startswith(
+        "error: process 0: lost contact with process 1 of the run: no heartbeat for 5 s"
+    )
+
+
+def test_process_0_learns_it_is_process_0_from_the_cluster_before_jax_starts(monkeypatch):
+    """On Slurm (and Open MPI, k8s, TPU) nothing is given: process 0 must still know, to serve the coordinator
+    from a process of its own. JAX's own detection answers; outside a cluster nothing is made up."""
+    from alexnet_jax.parallel import _detect
+
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    assert _detect(None, None, None, 10) == (None, None, None)
+    slurm = {"SLURM_JOB_ID": "12", "SLURM_STEP_NODELIST": "node[3-4]", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}
+    for name, value in {**slurm, "SLURM_LOCALID": "0", "SLURM_STEP_NUM_NODES": "2"}.items():
+        monkeypatch.setenv(name, value)
+    coordinator, processes, process = _detect(None, None, None, 10)
+    assert coordinator.startswith("node3:") and (processes, process) == (2, 0)
+    assert _detect("10.0.0.1:1234", 4, 3, 10) == ("10.0.0.1:1234", 4, 3)  # given: used as given

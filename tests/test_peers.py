@@ -1,0 +1,148 @@
+"""The heartbeat watch (fake key-value store and clock) and the coordination service's own process."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from alexnet_jax.peers import HEARTBEAT_PREFIX, CoordinatorService, PeerWatch
+
+from helpers import gone
+
+
+class _Store:
+    """The two calls PeerWatch makes on JAX's client, over a dict; `down` makes them fail like jaxlib does."""
+
+    def __init__(self):
+        self.values: dict[str, str] = {}
+        self.down = False
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if self.down:
+            raise RuntimeError("UNAVAILABLE: failed to connect to all addresses\ndetails")
+        assert allow_overwrite
+        self.values[key] = value
+
+    def key_value_dir_get(self, prefix):
+        if self.down:
+            raise RuntimeError("UNAVAILABLE: failed to connect to all addresses")
+        return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def _watch(store, clock, process_id=0, processes=3, timeout_s=10.0):
+    return PeerWatch(store, process_id, processes, timeout_s=timeout_s, on_lost=pytest.fail, clock=clock)
+
+
+def test_peers_that_beat_are_alive_and_a_silent_one_is_named_after_the_timeout():
+    store, clock = _Store(), _Clock()
+    watch = _watch(store, clock)
+    for second in range(30):  # process 1 beats every second, process 2 stops after 5
+        clock.now += 1
+        store.values[f"{HEARTBEAT_PREFIX}1"] = str(second)
+        if second < 5:
+            store.values[f"{HEARTBEAT_PREFIX}2"] = str(second)
+        message = watch.check()
+        if message:
+            break
+    assert store.values[f"{HEARTBEAT_PREFIX}0"] == str(second + 1)  # this process's own counter
+    assert second == 15  # last change at 5, silent for more than 10 s at 16 s
+    assert message == (
+        "error: process 0: lost contact with process 2 of the run: no heartbeat for 10 s "
+        "(it died, hangs or is unreachable)"
+    )
+
+
+def test_a_peer_that_never_beat_counts_from_the_start_of_the_watch():
+    store, clock = _Store(), _Clock()
+    watch = _watch(store, clock, process_id=1, processes=3)
+    clock.now += 10
+    assert watch.check() is None
+    clock.now += 1
+    assert watch.check().startswith("error: process 1: lost contact with processes 0, 2 of the run")
+
+
+def test_a_coordinator_that_does_not_answer_is_named_after_the_timeout():
+    store, clock = _Store(), _Clock()
+    watch = _watch(store, clock)
+    store.down = True
+    clock.now += 10
+    assert watch.check() is None  # a blip is not a loss
+    clock.now += 1
+    assert watch.check() == (
+        "error: process 0: lost contact with the coordinator of the run: no answer for 10 s "
+        "(process 0's host is down or unreachable): RuntimeError: UNAVAILABLE: failed to connect to all addresses"
+    )
+
+
+def test_the_thread_calls_on_lost_once_and_stop_ends_it():
+    store, lost = _Store(), []
+    watch = PeerWatch(store, 0, 2, timeout_s=0.2, interval_s=0.05, on_lost=lost.append).start()
+    time.sleep(0.6)
+    watch.stop()
+    assert len(lost) == 1 and "process 1" in lost[0]
+
+    store.values[f"{HEARTBEAT_PREFIX}1"] = "1"
+    quiet = PeerWatch(store, 0, 2, timeout_s=0.2, interval_s=0.05, on_lost=pytest.fail).start()
+    quiet.stop()  # before the timeout: no call, and the thread is gone
+    time.sleep(0.3)
+    assert not quiet._thread.is_alive()
+
+    # The program shut jax.distributed down itself: the store stops answering, and that is no loss.
+    store.down = True
+    after = PeerWatch(store, 0, 2, timeout_s=0.2, interval_s=0.05, on_lost=pytest.fail, active=lambda: False)
+    after.start()._thread.join(timeout=5)
+    assert not after._thread.is_alive()
+
+
+def test_the_timeout_must_exceed_the_interval():
+    with pytest.raises(ValueError, match="peer timeout must be longer than the heartbeat interval"):
+        PeerWatch(_Store(), 0, 2, timeout_s=1, interval_s=1, on_lost=print)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serves(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_the_service_ends_at_done_and_lingers_after_its_parent_vanished():
+    port = _free_port()
+    service = CoordinatorService(f"127.0.0.1:{port}", 2, heartbeat_timeout_s=10, linger_s=2, timeout_s=60)
+    assert _serves(port)
+    service.close()
+    assert gone([service.pid], within_s=1) and not _serves(port)
+
+    # Process 0 killed: its end of the pipe closes without "done"; the service serves on for linger_s.
+    port = _free_port()
+    service = CoordinatorService(f"127.0.0.1:{port}", 2, heartbeat_timeout_s=10, linger_s=2, timeout_s=60)
+    service._process.stdin.close()
+    time.sleep(1)
+    assert _serves(port)
+    assert gone([service.pid], within_s=10) and not _serves(port)
+
+
+def test_a_service_that_cannot_start_is_one_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(RuntimeError, match=f"the coordination service did not start on {address} within 60 s"):
+            CoordinatorService(address, 2, heartbeat_timeout_s=10, linger_s=2, timeout_s=60)
