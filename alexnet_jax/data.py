@@ -33,6 +33,7 @@ from pathlib import Path
 import grain
 import numpy as np
 from absl import flags
+from grain.multiprocessing import SharedMemoryArray
 from PIL import Image
 from tqdm import tqdm
 
@@ -242,18 +243,36 @@ def _iterate(loader: _BatchLoader, start: int, stop: int, workers: int) -> Itera
         iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
     iterator = iter(iterable)
     try:
-        yield from iterator
+        # map, not a loop variable: this generator holds no batch while the caller has it.
+        yield from (map(_unlink_shared_memory, iterator) if workers > 0 else iterator)
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
         if workers > 0:
-            # Batches Grain had already taken from the workers sit in reference cycles of its
-            # iterators; collected now, their shared memory is unlinked. Collected at exit
-            # instead, it would be left to Python's resource tracker, which warns.
+            # Batches Grain had taken from the workers but not handed over yet sit in reference
+            # cycles of its iterators; collected now, their shared memory is unlinked. Collected
+            # at exit instead, it would be left to Python's resource tracker, which warns.
             del iterator, iterable
             gc.collect()
             _wait_for_shared_memory_unlinks()
+
+
+def _unlink_shared_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # A worker's batch arrives as arrays mapped from named shared memory (/dev/shm) that
+    # Grain unlinks only when an array is collected, on its one-thread pool; Python's resource
+    # tracker, which registered the name at the attach, unlinks it with a warning if the
+    # process exits first. A caller may hold the last batch past the stop (the SIGTERM test's
+    # wrapper generator did, until after the wait below), and the process then exited before
+    # the pool got to all of its arrays. Unlinked here, the name is gone at once and the
+    # mapping stays valid until the array is collected: nothing is left for the tracker or in
+    # /dev/shm, however long the batch is kept. `_unlink_on_del` is Grain's private flag
+    # (without it this does nothing, and tests/test_data.py fails).
+    for array in batch.values():
+        if isinstance(array, SharedMemoryArray) and getattr(array, "_unlink_on_del", False):
+            array.shm.unlink()
+            array._unlink_on_del = False  # Grain's unlink would fail on the missing name
+    return batch
 
 
 def _wait_for_shared_memory_unlinks() -> None:
@@ -262,10 +281,6 @@ def _wait_for_shared_memory_unlinks() -> None:
     # right after a stop could leave those unlinks undone, and the resource tracker would do
     # them with a warning after the stop line (seen on a loaded machine). A task queued
     # behind them returns once they are done. Grain's private attribute: looked up, not assumed.
-    try:
-        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
-    except ImportError:
-        return
     pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
     if pool is not None:
         pool.apply(int)

@@ -555,10 +555,7 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
                 save()
     finally:
         bar.close()
-        # The last batch lives in Grain's shared memory, unlinked when the array is collected:
-        # drop it while Grain's unlinking threads still run, then end the worker processes
-        # now, not when the generator is collected.
-        batch = None  # noqa: F841
+        # End the worker processes now, not when the generator is collected.
         batches.close()
     checkpoints.wait()
     final = workdir / FINAL_VARIABLES_FILE
