@@ -52,7 +52,7 @@ from .augment import (  # noqa: F401
     train_transform,
 )
 from .images import ImageReadError, load_image, walk_images
-from .shutdown import exit_with_parent
+from .shutdown import worker_init
 
 # Images the colour PCA of a folder is estimated from: 1000 x 65,536 pixels pin a 3x3
 # covariance down far below the noise it scales (alpha's standard deviation is 0.1).
@@ -235,8 +235,9 @@ def _iterate(loader: _BatchLoader, start: int, stop: int, workers: int) -> Itera
         # Each worker process builds whole batches; Grain hands them back in index order.
         iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
-            # A worker outliving a killed run would hold its memory and shared-memory batches for good.
-            worker_init_fn=functools.partial(exit_with_parent, os.getpid()),
+            # Workers end with their parent (a killed run's would hold memory for good) and only when
+            # it says so (not at the Ctrl-C or SIGTERM that reaches every process of a job).
+            worker_init_fn=functools.partial(worker_init, os.getpid()),
         )
     else:
         # Threads in this process: Pillow releases the GIL while it decodes and resizes.

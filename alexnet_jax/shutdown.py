@@ -16,9 +16,11 @@ once. The exit status after a stop is 128 + the signal number (143 for SIGTERM,
 signal.
 
 SIGKILL cannot be caught. What it must not leave behind are the data-loading
-worker processes and the shared memory they hold: `exit_with_parent` runs in each
+worker processes and the shared memory they hold: `worker_init` runs in each
 worker and ends it when its parent is gone, after which Python's resource
-tracker unlinks the leftover shared memory and semaphores.
+tracker unlinks the leftover shared memory and semaphores. It also makes the
+workers deaf to SIGINT and SIGTERM, which a terminal's Ctrl-C and a scheduler send
+to every process of the job, workers included: the parent decides when they stop.
 """
 
 from __future__ import annotations
@@ -130,3 +132,18 @@ def exit_with_parent(parent_pid: int, *_worker_info: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def worker_init(parent_pid: int, *_worker_info: int) -> None:
+    """Grain's `worker_init_fn` for data-loading workers: `functools.partial(worker_init, os.getpid())`.
+
+    Ignores SIGINT and SIGTERM: Ctrl-C reaches the whole process group and Slurm signals
+    every process of a step, and a worker ended by either died mid-batch (a 15-line
+    KeyboardInterrupt traceback, and its unsent batches' shared memory left to the resource
+    tracker, which warns). The parent stops them instead, at the stop it honours: closing
+    the pipeline ends them cleanly (Grain sets their stop event, then SIGKILLs a worker
+    that did not end in time). Then `exit_with_parent`.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_with_parent(parent_pid)
