@@ -81,7 +81,7 @@ def initialize_distributed(
     the port is free. A peer that never arrives ends every waiting process after
     `timeout_s` with one line and status 1.
 
-    Once joined, a peer that dies or hangs ends this process with one line and status 1
+    Once joined, a peer that dies or freezes ends this process with one line and status 1
     within `peer_timeout_s` (or at once, when a collective notices first), including
     process 0: it serves the coordination service from a child process that outlives it
     long enough (`peers.py` says why). Process-wide on purpose: this starts a thread,
@@ -130,6 +130,7 @@ def initialize_distributed(
                 heartbeat_timeout_s=heartbeat_timeout_s,
                 linger_s=peer_timeout_s + LINGER_MARGIN_S,
                 timeout_s=timeout_s,
+                recoverable=bool(jax.config.jax_enable_recoverability),  # what JAX would give its own
             )
         except RuntimeError as e:
             raise DistributedError(f"process 0 cannot serve as coordinator {coordinator}: {e}") from e
@@ -167,20 +168,20 @@ def initialize_distributed(
         ) from e
     finally:
         watchdog.cancel()
-    watch = None
-    if jax.process_count() > 1:
-        watch = PeerWatch(
-            _distributed_client(),
-            jax.process_index(),
-            jax.process_count(),
-            timeout_s=peer_timeout_s,
-            on_lost=_exit_now,
-            active=jax.distributed.is_initialized,
-        ).start()
     # Registered after JAX's own exit hook, so it runs before it: the watch keeps beating
     # through JAX's shutdown barrier (a peer still finishing must not take this process
     # for dead, nor this one it), and the service ends only after every process passed it.
+    watch: list[PeerWatch] = []
     atexit.register(_leave_cleanly, watch, service)
+    # Not jax.process_count(): that would start the backend here, and a caller may still
+    # set jax.config (e.g. jax_num_cpu_devices) after initialize, as JAX allows.
+    client, index, count = _distributed_state()
+    if count > 1:
+        watch.append(
+            PeerWatch(
+                client, index, count, timeout_s=peer_timeout_s, on_lost=_exit_now, active=jax.distributed.is_initialized
+            ).start()
+        )
 
 
 def _detect(
@@ -198,28 +199,35 @@ def _detect(
         found = ClusterEnv.auto_detect_unset_distributed_params(
             coordinator, num_processes, process_id, None, None, timeout_s
         )
-    except Exception:  # JAX's initialize detects again and reports what it cannot find
+    except Exception as e:  # JAX's initialize detects again and reports what it cannot find
+        print(
+            f"warning: cluster detection failed ({first_line(e)}); process 0, if this is it, serves the "
+            "coordinator in-process, and its death aborts the others",
+            file=sys.stderr,
+        )
         return coordinator, num_processes, process_id
     return found[0], found[1], found[2]
 
 
-def _distributed_client() -> Any:
-    # JAX keeps its runtime client (and the key-value store on it) in a private module;
-    # Orbax reaches it the same way.
+def _distributed_state() -> tuple[Any, int, int]:
+    # JAX keeps its runtime client (and the key-value store on it) and this process's place
+    # in a private module; Orbax reaches the client the same way.
     from jax._src import distributed
 
-    client = distributed.global_state.client
-    if client is None:
+    state = distributed.global_state
+    if state.client is None:
         raise RuntimeError("jax.distributed is not initialized: no runtime client to send heartbeats through")
-    return client
+    return state.client, state.process_id, state.num_processes
 
 
-def _leave_cleanly(watch: PeerWatch | None, service: CoordinatorService | None) -> None:
-    jax.distributed.shutdown()  # JAX's barrier: every process has arrived when it returns
-    if watch is not None:
-        watch.stop()
-    if service is not None:
-        service.close()
+def _leave_cleanly(watch: list[PeerWatch], service: CoordinatorService | None) -> None:
+    try:
+        jax.distributed.shutdown()  # JAX's barrier: every process has arrived when it returns
+    finally:  # also when the barrier timed out: no late "lost contact" line, no service holding the port
+        for w in watch:
+            w.stop()
+        if service is not None:
+            service.close()
 
 
 def _exit_now(message: str, status: int = EXIT_PEER_LOST) -> None:
@@ -233,12 +241,14 @@ def _exit_now(message: str, status: int = EXIT_PEER_LOST) -> None:
 def leave_run(status: int) -> int:
     """End this process of a multi-process run now with `status`; in a single process, return `status`.
 
-    For an entry script's exits after a failure that may be this process's alone (a
-    failed save, a collective that lost a peer): at a normal exit JAX's atexit hook
-    waits at a shutdown barrier for every peer, and when one is gone only the peer watch
-    ends the wait, `peer_timeout_s` later and with a second message. Not for failures
-    every process meets together (a bad config, a stop request): there the normal exit
-    is clean, and leaving early would take the coordinator away from peers still exiting.
+    For an entry script's exits after a failure that may be this process's alone (an
+    unreadable file on this host, a failed save, a collective that lost a peer): at a
+    normal exit JAX's atexit hook waits at a shutdown barrier for every peer, while the
+    peers wait for this process in their next collective, and the run hangs. Leaving
+    now closes this process's connections, so that collective fails in every peer and
+    each ends with one line. Safe for process 0 too: the coordinator lives on in its own
+    process for the others (`peers.py`). Not for a stop request, which every process
+    meets at the same step and leaves through the normal exit.
     """
     if jax.process_count() > 1:
         sys.stdout.flush()
@@ -250,7 +260,7 @@ def leave_run(status: int) -> int:
 def exit_if_peer_lost(error: BaseException) -> None:
     """In a multi-process run, end this process with one line and status 1 for an error from JAX's runtime.
 
-    A peer that died or hangs makes the next collective (or the coordinator's
+    A peer that died or froze makes the next collective (or the coordinator's
     heartbeat check) fail in every other process, with an error from XLA. Called by
     the entry script with an exception it did not expect; returns (so the caller
     re-raises) in a single-process run or for an error that is not JAX's.
@@ -259,7 +269,7 @@ def exit_if_peer_lost(error: BaseException) -> None:
         return
     _exit_now(
         f"error: process {jax.process_index()}: lost contact with the other processes of the run "
-        f"(one died or hangs): {first_line(error)}"
+        f"(one failed, died or froze): {first_line(error)}"
     )
 
 

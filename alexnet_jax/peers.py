@@ -6,7 +6,7 @@ std::bad_cast when it fires) in the two cases a training run meets that no colle
 
 - process 0 dies: JAX runs the coordination service inside it, and every other process's
   client aborts the moment its connection to the service drops;
-- a process hangs or dies while the others are not in a collective with it: the service
+- a process freezes or dies while the others are not in a collective with it: the service
   declares it dead after the heartbeat timeout and every other client aborts.
 
 So process 0 runs the service in a child process of its own (`CoordinatorService`, the
@@ -19,6 +19,7 @@ one line and exit 1, before jaxlib's heartbeat timeout (set longer, as a backsto
 from __future__ import annotations
 
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -34,6 +35,7 @@ HEARTBEAT_PREFIX = "alexnet_jax/heartbeat/"
 # How long the service serves on after process 0 vanished without saying "done": time for
 # the other processes' watches to notice (timeout_s) and leave.
 LINGER_MARGIN_S = 10
+SHUTDOWN_TIMEOUT_S = 300  # jax.distributed.initialize's default for its own service
 
 
 class CoordinatorService:
@@ -47,12 +49,20 @@ class CoordinatorService:
     """
 
     def __init__(
-        self, bind_address: str, num_processes: int, *, heartbeat_timeout_s: int, linger_s: float, timeout_s: float
+        self,
+        bind_address: str,
+        num_processes: int,
+        *,
+        heartbeat_timeout_s: int,
+        linger_s: float,
+        timeout_s: float,
+        recoverable: bool = False,
+        shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S,
     ):
         self.bind_address = bind_address
         self._process = subprocess.Popen(
-            [sys.executable, str(SERVICE_SCRIPT), bind_address, str(num_processes)]
-            + [str(heartbeat_timeout_s), str(linger_s)],
+            [sys.executable, str(SERVICE_SCRIPT), bind_address, str(num_processes), str(heartbeat_timeout_s)]
+            + [str(linger_s), "1" if recoverable else "0", str(shutdown_timeout_s)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,  # jaxlib's logs of the service: what the one-line exits replace
@@ -62,10 +72,19 @@ class CoordinatorService:
         ready, _, _ = select.select([self._process.stdout], [], [], timeout_s)
         line = self._process.stdout.readline().strip() if ready else ""
         if line != "ready":
-            self._process.kill()
-            self._process.wait()
-            said = f" ({line})" if line else ""
-            raise RuntimeError(f"the coordination service did not start on {bind_address} within {timeout_s:g} s{said}")
+            try:  # with its output closed it has ended, or is ending
+                status = self._process.wait(timeout=5) if ready else None
+            except subprocess.TimeoutExpired:
+                status = None
+            if status is None:
+                self._process.kill()
+                self._process.wait()
+                how = f"not within {timeout_s:g} s"
+            elif status < 0:  # jaxlib crashes (SIGSEGV) on an address it cannot bind
+                how = f"it ended by {signal.Signals(-status).name}; is the address free and local?"
+            else:
+                how = line or f"it exited with status {status}"
+            raise RuntimeError(f"the coordination service did not start on {bind_address}: {how}")
 
     @property
     def pid(self) -> int:
@@ -88,11 +107,19 @@ class PeerWatch:
     """Heartbeats through the coordination service's key-value store, and a watch on the other processes'.
 
     Every `interval_s` this process increments its own counter and reads all of them
-    (one request each way). When a peer's counter has not moved for `timeout_s`, or the
-    service has not answered for `timeout_s`, `on_lost(message)` is called once (the
-    default prints the message and ends the process with status 1) and the watch ends.
-    `client` is JAX's distributed runtime client (or anything with its `key_value_set`
-    and `key_value_dir_get`). The thread is a daemon; `stop()` ends it.
+    (one request each way; with N processes the service answers N such reads a second,
+    fine for the hundreds of hosts a run has). When a peer's counter has not moved for
+    `timeout_s`, or the service has not answered for `timeout_s` (a request to a host
+    that froze or vanished blocks without a deadline, so requests run on a thread of
+    their own and another judges the time since the last answer), `on_lost(message)` is
+    called once and the watch ends. `client` is JAX's distributed runtime client (or
+    anything with its `key_value_set` and `key_value_dir_get`). The threads are daemons;
+    `stop()` ends the watch, and so does `active()` turning false (the program shut JAX's
+    distributed runtime down itself).
+
+    What it sees is a process that is gone or frozen (killed, stopped, its host down or
+    cut off): the heartbeat has a thread of its own, so a process whose main thread is
+    stuck (a deadlock, a read from a dead mount) keeps beating.
     """
 
     def __init__(
@@ -115,34 +142,44 @@ class PeerWatch:
         self._peers = [p for p in range(num_processes) if p != process_id]
         self._on_lost, self._active, self._clock = on_lost, active, clock
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="peer-watch", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._beat, name="peer-heartbeat", daemon=True),
+            threading.Thread(target=self._judge, name="peer-watch", daemon=True),
+        ]
         self._beats = 0
+        self._found: str | None = None  # a silent peer, as the heartbeat thread saw it
+        self._last_error = ""
         now = clock()
         self._last_answer = now
         self._seen = {p: (None, now) for p in self._peers}  # peer -> (last counter, when it last changed)
 
     def start(self) -> PeerWatch:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> None:
+        """Ends the watch; returns without waiting for a request that is still blocked."""
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10 * self._interval)
+        judge = self._threads[1]
+        if judge.is_alive() and judge is not threading.current_thread():
+            judge.join(timeout=10 * self._interval)
+
+    @property
+    def running(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
 
     def check(self) -> str | None:
-        """One heartbeat and one look at the others; the message for `on_lost`, or None while all are alive."""
+        """One heartbeat and one look at the others: a message naming the silent peers, or None.
+
+        A request that fails (the service did not answer) counts as no answer: see `unanswered`.
+        """
         self._beats += 1
         try:
             self._client.key_value_set(f"{HEARTBEAT_PREFIX}{self._id}", str(self._beats), allow_overwrite=True)
             counters = dict(self._client.key_value_dir_get(HEARTBEAT_PREFIX))
         except Exception as e:  # jaxlib's runtime error: the service did not answer
-            now = self._clock()
-            if now - self._last_answer > self._timeout:
-                return (
-                    f"error: process {self._id}: lost contact with the coordinator of the run: no answer for "
-                    f"{self._timeout:g} s (process 0's host is down or unreachable): {first_line(e)}"
-                )
+            self._last_error = f": {first_line(e)}"
             return None
         now = self._clock()
         self._last_answer = now
@@ -159,13 +196,30 @@ class PeerWatch:
         which = f"process {silent[0]}" if len(silent) == 1 else "processes " + ", ".join(map(str, silent))
         return (
             f"error: process {self._id}: lost contact with {which} of the run: no heartbeat for {self._timeout:g} s "
-            "(it died, hangs or is unreachable)"
+            "(it died, froze or is unreachable)"
         )
 
-    def _run(self) -> None:
+    def unanswered(self) -> str | None:
+        """The message when the service has not answered for `timeout_s`, else None."""
+        if self._clock() - self._last_answer <= self._timeout:
+            return None
+        return (
+            f"error: process {self._id}: lost contact with the coordinator of the run: no answer for "
+            f"{self._timeout:g} s (process 0's host is down, frozen or unreachable){self._last_error}"
+        )
+
+    def _beat(self) -> None:
         while not self._stop.wait(self._interval):
-            message = self.check()
+            found = self.check()
+            if found is not None:
+                self._found = found
+                return
+
+    def _judge(self) -> None:
+        while not self._stop.wait(self._interval):
+            message = self._found or self.unanswered()
             if message is not None:
                 if not self._stop.is_set() and self._active():
                     self._on_lost(message)
+                self._stop.set()  # the heartbeat thread ends too
                 return

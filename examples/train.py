@@ -12,7 +12,8 @@
 Across processes every process runs the same command but its --process-id (or sets
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); on Slurm, Open MPI,
 Kubernetes (JobSet) and Cloud TPU `--distributed` alone is enough: JAX finds them.
-A process that dies or hangs ends the others within --peer-timeout seconds (one line, exit 1).
+A process that fails, dies or freezes ends the others at once or within --peer-timeout seconds
+(one line, exit 1).
 
 WORKDIR gets checkpoints/ (Orbax), metrics.jsonl (one line per epoch), config.json,
 run.lock, and at the end final.msgpack (read by alexnet_jax.load_variables) and curves.png.
@@ -246,14 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as e:  # every process stops at the same step: a normal exit
         print(e, file=sys.stderr)
         return e.exit_status
-    except CheckpointError as e:
-        # In a multi-process run possibly this process's alone (a save that lost a peer):
-        # leave at once, JAX's shutdown barrier would wait for the peer until the peer watch ends it.
+    except (CheckpointError, DataError, NonFiniteLossError, WorkdirBusyError, OSError, ValueError) as e:
+        # In a multi-process run possibly this process's alone (an unreadable file on this host, a
+        # save that lost a peer): leave at once, so the others' next collective fails and they end
+        # too; a normal exit would wait at JAX's shutdown barrier while they wait in a collective.
         print(f"error: {e}", file=sys.stderr)
         return leave_run(1)
-    except (DataError, NonFiniteLossError, WorkdirBusyError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except Exception as e:
         exit_if_peer_lost(e)  # in a multi-process run: one line and exit 1, else re-raised
         raise

@@ -284,7 +284,10 @@ def test_ctrl_c_reaches_every_process_of_the_run_and_still_ends_in_one_line(data
     try:
         deadline = time.monotonic() + 120
         while not list((workdir / "checkpoints").glob("[0-9]*")):  # trained a step: the worker is busy
-            assert run.poll() is None and time.monotonic() < deadline, run.stderr.read() if run.stderr else ""
+            if run.poll() is not None or time.monotonic() > deadline:
+                if run.poll() is None:
+                    os.killpg(run.pid, signal.SIGKILL)
+                pytest.fail(f"the run never saved a step: {run.communicate()[1][-2000:]}")
             time.sleep(0.1)
         workers = children(run.pid)  # Grain's worker and Python's resource tracker
         held = _shared_memory([run.pid, *workers])
