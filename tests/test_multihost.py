@@ -8,7 +8,6 @@ final weights. The children are bounded by a timeout and killed in `finally`.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 from alexnet_jax import load_variables
 from alexnet_jax.train import TrainConfig, read_metrics, train_and_evaluate
 
-from helpers import REPO, children, gone, run_python
+from helpers import REPO, run_python
 from test_parallel import _relative_difference
 from test_train_loop import _colour_folder
 
@@ -213,97 +212,6 @@ def test_a_peer_that_never_arrives_ends_the_run_with_one_line_and_exit_1(data, t
     assert run.stderr.splitlines()[-1].startswith("error: process 0: not all 2 processes joined through 127.0.0.1:")
     assert "within 3 s" in run.stderr and "Traceback" not in run.stderr and "Check failure" not in run.stderr
     assert time.monotonic() - started < 40
-
-
-def _start_two(args: list[str], workdir: Path, extra: list[str] = ()) -> list[subprocess.Popen]:
-    """Processes 0 and 1 of a run, returned once it has assembled (process 0 wrote config.json)."""
-    port, procs = _free_port(), []
-    for i in range(2):
-        cmd = [sys.executable, str(SCRIPT), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}"]
-        cmd += ["--num-processes", "2", "--process-id", str(i), "--init-timeout", "60", *extra]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True))
-    deadline = time.monotonic() + TIMEOUT_S
-    while not (workdir / "config.json").is_file():
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            _end(procs)
-            pytest.fail(f"the run never assembled: {[p.stderr.read()[-2000:] for p in procs]}")
-        time.sleep(0.1)
-    return procs
-
-
-def _end(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def _one_error_line(err: str) -> str:
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err
-    assert "Traceback" not in err and "Check failure" not in err and "Terminating process" not in err, err
-    return errors[0]
-
-
-def test_a_dead_coordinator_ends_the_other_process_with_one_line_and_exit_1(data, tmp_path):
-    """Process 0, which holds the coordinator, is SIGKILLed once the run has assembled. Before: process 1 was
-    aborted by jaxlib at once (SIGABRT, a C++ stack). Its coordination service runs in a child of its own,
-    which serves on until the others had time to notice and then ends by itself."""
-    workdir = tmp_path / "w"
-    procs = _start_two(_args(data, workdir), workdir, ["--peer-timeout", "5"])
-    try:
-        service = children(procs[0].pid)  # the coordination service (and nothing else: --workers 0)
-        assert len(service) == 1, service
-        procs[0].kill()
-        killed = time.monotonic()
-        _, err = procs[1].communicate(timeout=120)
-    finally:
-        _end(procs)
-    assert procs[1].returncode == 1, err
-    assert time.monotonic() - killed < 60  # a collective notices at once; the watch within 5 s
-    assert "process 1: lost contact with" in _one_error_line(err)
-    assert gone(service, within_s=60), "the coordination service outlived its linger (5 + 10 s)"
-
-
-def test_a_hung_peer_ends_the_other_process_within_the_peer_timeout(data, tmp_path):
-    """Process 1 is stopped (SIGSTOP: alive, connected, silent), so process 0 waits in a collective that
-    never fails. Its heartbeat watch ends it with one line after --peer-timeout; before, jaxlib aborted it
-    when the coordinator's own heartbeat timeout passed."""
-    workdir = tmp_path / "w"
-    procs = _start_two(_args(data, workdir), workdir, ["--peer-timeout", "5"])
-    try:
-        procs[1].send_signal(signal.SIGSTOP)
-        stopped = time.monotonic()
-        _, err = procs[0].communicate(timeout=120)
-    finally:
-        _end(procs)
-    assert procs[0].returncode == 1, err
-    # It waited for the timeout: process 1's last heartbeat came up to a beat or two before the stop.
-    assert 3 <= time.monotonic() - stopped < 60
-    assert _one_error_line(err).startswith(
-        "error: process 0: lost contact with process 1 of the run: no heartbeat for 5 s"
-    )
-
-
-def test_a_process_that_fails_alone_ends_the_other_with_one_line(data, tmp_path):
-    """Process 1 cannot read its data (a path missing on its host); process 0 goes on to its first collective.
-    Before: process 1 returned 1 and waited at JAX's shutdown barrier while process 0 waited for it in the
-    collective, and the run hung. Now process 1 leaves at once, and process 0's collective fails."""
-    port, procs = _free_port(), []
-    try:
-        for i in range(2):
-            args = _args(data, tmp_path / "w")
-            if i == 1:
-                args[args.index("--data") + 1] = str(tmp_path / "missing")
-            cmd = [sys.executable, str(SCRIPT), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}"]
-            cmd += ["--num-processes", "2", "--process-id", str(i), "--init-timeout", "60", "--peer-timeout", "10"]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True))
-        errs = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
-    finally:
-        _end(procs)
-    assert [p.returncode for p in procs] == [1, 1], errs
-    assert str(tmp_path / "missing") in _one_error_line(errs[1])
-    assert "process 0: lost contact with" in _one_error_line(errs[0])
 
 
 def test_process_0_learns_it_is_process_0_from_the_cluster_before_jax_starts(monkeypatch):

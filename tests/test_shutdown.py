@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from alexnet_jax.io import atomic_write_bytes
 from alexnet_jax.shutdown import Interrupted, StopRequested, StopSignals, exit_status, interrupt_on_signals
+
+from helpers import REPO, children, gone
+from test_train_loop import _colour_folder
 
 
 @pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT])
@@ -46,3 +52,51 @@ def test_sigterm_mid_write_in_a_short_cli_leaves_no_temporary_file(tmp_path, mon
             signal.signal(s, handler)
     assert stopped.value.signum == signal.SIGTERM and exit_status(stopped.value.signum) == 143
     assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    return _colour_folder(root / "train", 8, 0), _colour_folder(root / "val", 3, 1)
+
+
+def test_ctrl_c_reaches_every_process_of_the_run_and_still_ends_in_one_line(data, tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole process group (Slurm signals every process of a step alike),
+    so the data worker gets it too. Before: the worker died mid-batch with a 15-line KeyboardInterrupt
+    traceback and the resource tracker warned of its batches' leaked shared memory."""
+    from test_data import _shared_memory
+
+    train, val = data
+    workdir = tmp_path / "run"
+    args = ["--data", train, "--val-data", val, "--workdir", workdir, "--batch-size", "8", "--epochs", "50"]
+    args += ["--lr", "0.01", "--image-size", "64", "--save-every", "1", "--keep", "1", "--no-progress"]
+    args += ["--conv-algorithm", "xla", "--workers", "1"]
+    run = subprocess.Popen(
+        [sys.executable, str(REPO / "examples" / "train.py"), *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list((workdir / "checkpoints").glob("[0-9]*")):  # trained a step: the worker is busy
+            if run.poll() is not None or time.monotonic() > deadline:
+                if run.poll() is None:
+                    os.killpg(run.pid, signal.SIGKILL)
+                pytest.fail(f"the run never saved a step: {run.communicate()[1][-2000:]}")
+            time.sleep(0.1)
+        workers = children(run.pid)  # Grain's worker and Python's resource tracker
+        held = _shared_memory([run.pid, *workers])
+        os.killpg(run.pid, signal.SIGINT)
+        _, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 130, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGINT at step "), err
+    assert len(workers) == 2 and gone(workers, within_s=10), workers
+    assert held and not [name for name in held if os.path.exists(f"/dev/shm/{name}")], held

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -260,48 +259,6 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_is_bit_identical(straight
     jax.tree.map(np.testing.assert_array_equal, ours, theirs)
     assert read_metrics(workdir / "metrics.jsonl") == read_metrics(straight_dir / "metrics.jsonl")
     assert resumed == {**straight, "final_variables": str(workdir / "final.msgpack")}
-
-
-def test_ctrl_c_reaches_every_process_of_the_run_and_still_ends_in_one_line(data, tmp_path):
-    """A terminal's Ctrl-C sends SIGINT to the whole process group (Slurm signals every process of a step alike),
-    so the data worker gets it too. Before: the worker died mid-batch with a 15-line KeyboardInterrupt
-    traceback and the resource tracker warned of its batches' leaked shared memory."""
-    from test_data import _shared_memory
-
-    train, val = data
-    workdir = tmp_path / "run"
-    args = ["--data", train, "--val-data", val, "--workdir", workdir, "--batch-size", "8", "--epochs", "50"]
-    args += ["--lr", "0.01", "--image-size", "64", "--save-every", "1", "--keep", "1", "--no-progress"]
-    args += ["--conv-algorithm", "xla", "--workers", "1"]
-    run = subprocess.Popen(
-        [sys.executable, str(REPO / "examples" / "train.py"), *map(str, args)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a shell gives a foreground job
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not list((workdir / "checkpoints").glob("[0-9]*")):  # trained a step: the worker is busy
-            if run.poll() is not None or time.monotonic() > deadline:
-                if run.poll() is None:
-                    os.killpg(run.pid, signal.SIGKILL)
-                pytest.fail(f"the run never saved a step: {run.communicate()[1][-2000:]}")
-            time.sleep(0.1)
-        workers = children(run.pid)  # Grain's worker and Python's resource tracker
-        held = _shared_memory([run.pid, *workers])
-        os.killpg(run.pid, signal.SIGINT)
-        _, err = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
-    assert run.returncode == 130, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("stopped by SIGINT at step "), err
-    assert len(workers) == 2 and gone(workers, within_s=10), workers
-    assert held and not [name for name in held if os.path.exists(f"/dev/shm/{name}")], held
 
 
 def test_a_finished_run_is_kept_unless_overwrite_is_asked(data, tmp_path):
