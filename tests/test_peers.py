@@ -106,10 +106,15 @@ def test_a_request_that_never_returns_is_judged_by_the_other_thread():
     store, lost = _FrozenStore(), []
     watch = PeerWatch(store, 1, 2, timeout_s=0.3, interval_s=0.05, on_lost=lost.append).start()
     deadline = time.monotonic() + 10
+    while not lost and time.monotonic() < deadline:  # the heartbeat thread stays blocked: wait for the judge
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert len(lost) == 1 and lost[0].startswith("error: process 1: lost contact with the coordinator"), lost
+    store.thaw.set()  # the blocked request returns, and the heartbeat thread sees the watch is over
+    deadline = time.monotonic() + 5
     while watch.running and time.monotonic() < deadline:
         time.sleep(0.05)
-    store.thaw.set()
-    assert len(lost) == 1 and lost[0].startswith("error: process 1: lost contact with the coordinator"), lost
+    assert not watch.running and len(lost) == 1
 
 
 def test_the_thread_calls_on_lost_once_and_stop_ends_it():
