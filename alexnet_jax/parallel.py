@@ -168,20 +168,20 @@ def initialize_distributed(
         ) from e
     finally:
         watchdog.cancel()
-    # Registered after JAX's own exit hook, so it runs before it: the watch keeps beating
-    # through JAX's shutdown barrier (a peer still finishing must not take this process
-    # for dead, nor this one it), and the service ends only after every process passed it.
-    watch: list[PeerWatch] = []
-    atexit.register(_leave_cleanly, watch, service)
     # Not jax.process_count(): that would start the backend here, and a caller may still
     # set jax.config (e.g. jax_num_cpu_devices) after initialize, as JAX allows.
-    client, index, count = _distributed_state()
-    if count > 1:
-        watch.append(
-            PeerWatch(
+    watch = None
+    try:
+        client, index, count = _distributed_state()
+        if count > 1:
+            watch = PeerWatch(
                 client, index, count, timeout_s=peer_timeout_s, on_lost=_exit_now, active=jax.distributed.is_initialized
             ).start()
-        )
+    finally:
+        # Registered after JAX's own exit hook, so it runs before it: the watch keeps beating
+        # through JAX's shutdown barrier (a peer still finishing must not take this process
+        # for dead, nor this one it), and the service ends only after every process passed it.
+        atexit.register(_leave_cleanly, watch, service)
 
 
 def _detect(
@@ -220,12 +220,12 @@ def _distributed_state() -> tuple[Any, int, int]:
     return state.client, state.process_id, state.num_processes
 
 
-def _leave_cleanly(watch: list[PeerWatch], service: CoordinatorService | None) -> None:
+def _leave_cleanly(watch: PeerWatch | None, service: CoordinatorService | None) -> None:
     try:
         jax.distributed.shutdown()  # JAX's barrier: every process has arrived when it returns
     finally:  # also when the barrier timed out: no late "lost contact" line, no service holding the port
-        for w in watch:
-            w.stop()
+        if watch is not None:
+            watch.stop()
         if service is not None:
             service.close()
 

@@ -45,7 +45,7 @@ class CoordinatorService:
     it (killed, or left after a failure), it serves `linger_s` more seconds and ends.
     It ignores SIGINT and SIGTERM (a scheduler signals every process of a job, and
     the processes still need the service to save their checkpoints at a stop).
-    **Raises:** RuntimeError naming the address when it does not start within `timeout_s`.
+    **Raises:** RuntimeError naming the address and why, when it does not start within `timeout_s`.
     """
 
     def __init__(

@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_multihost import SCRIPT, TIMEOUT_S, _args, _env, _free_port
+from test_multihost import TIMEOUT_S, _args, _end, _free_port, _launch
 
-from helpers import REPO, children, gone
+from helpers import children, gone
 from test_train_loop import _colour_folder
 
 
@@ -29,11 +28,8 @@ def data(tmp_path_factory):
 
 def _start_two(args: list[str], workdir: Path, extra: list[str] = ()) -> list[subprocess.Popen]:
     """Processes 0 and 1 of a run, returned once it has assembled (process 0 wrote config.json)."""
-    port, procs = _free_port(), []
-    for i in range(2):
-        cmd = [sys.executable, str(SCRIPT), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}"]
-        cmd += ["--num-processes", "2", "--process-id", str(i), "--init-timeout", "60", *extra]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True))
+    port = _free_port()
+    procs = [_launch([*args, *extra], port, i) for i in range(2)]
     deadline = time.monotonic() + TIMEOUT_S
     while not (workdir / "config.json").is_file():
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
@@ -41,13 +37,6 @@ def _start_two(args: list[str], workdir: Path, extra: list[str] = ()) -> list[su
             pytest.fail(f"the run never assembled: {[p.stderr.read()[-2000:] for p in procs]}")
         time.sleep(0.1)
     return procs
-
-
-def _end(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def _one_error_line(err: str) -> str:
@@ -110,9 +99,7 @@ def test_a_process_that_fails_alone_ends_the_other_with_one_line(data, tmp_path)
             args = _args(data, tmp_path / "w")
             if i == 1:
                 args[args.index("--data") + 1] = str(tmp_path / "missing")
-            cmd = [sys.executable, str(SCRIPT), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}"]
-            cmd += ["--num-processes", "2", "--process-id", str(i), "--init-timeout", "60", "--peer-timeout", "10"]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True))
+            procs.append(_launch([*args, "--peer-timeout", "10"], port, i))
         errs = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
     finally:
         _end(procs)

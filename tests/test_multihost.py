@@ -85,36 +85,31 @@ def _args(data, workdir: Path) -> list[str]:
     ]
 
 
+def _launch(args: list[str], port: int, process_id: int, **popen) -> subprocess.Popen:
+    """`examples/train.py args` as process `process_id` of a two-process sharded run through 127.0.0.1:`port`."""
+    cmd = [sys.executable, str(SCRIPT), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}"]
+    cmd += ["--num-processes", "2", "--process-id", str(process_id), "--init-timeout", "60"]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _end(procs: list[subprocess.Popen]) -> None:
+    """Kills whichever of `procs` still runs."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def _two_processes(args: list[str], timeout: float) -> list[tuple[int, str, str]]:
     """Runs `examples/train.py args` as processes 0 and 1 of a run on 127.0.0.1; (returncode, stdout, stderr) each."""
     port, procs = _free_port(), []
     try:
         for i in range(2):
-            cmd = [
-                sys.executable,
-                str(SCRIPT),
-                *args,
-                "--parallel",
-                "sharded",
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-                "--init-timeout",
-                "60",
-            ]
-            procs.append(
-                subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            )
+            procs.append(_launch(args, port, i, stdout=subprocess.PIPE))
         deadline = time.monotonic() + timeout
         outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _end(procs)
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
