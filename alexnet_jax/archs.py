@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from .augment import eval_transform, paper_eval_transform, paper_train_transform, train_transform
-from .model import CONV_ALGORITHMS, MIN_SIZE, AlexNet
-from .model2012 import INPUT_SIZE, AlexNet2012, stack_sizes
-from .model2012 import POOL_OUTPUT as _POOL_OUTPUT
-from .preprocess import CROP_SIZE
+from alexnet_jax.models.alexnet import MIN_SIZE, AlexNet
+from alexnet_jax.models.alexnet2012 import INPUT_SIZE, AlexNet2012, stack_sizes
+from alexnet_jax.models.layers import CONV_ALGORITHMS
+from alexnet_jax.models.layers import POOL_OUTPUT as _POOL_OUTPUT
+from alexnet_jax.transforms.augment import eval_transform, paper_eval_transform, paper_train_transform, train_transform
+from alexnet_jax.transforms.preprocess import CROP_SIZE
 
 COLOUR_PCA_CHOICES = ("imagenet", "folder", "none")
 
@@ -36,7 +37,7 @@ class Arch:
 
     `model(num_classes, conv_algorithm, dtype)` builds the linen module; `train_transform(image,
     size, rng)` and `eval_transform(image, size, crops)` are the per-image transforms of
-    `alexnet_jax.augment`; `image_sizes` says which crop sides the model takes.
+    `alexnet_jax.transforms.augment`; `image_sizes` says which crop sides the model takes.
     (`convert.ARCHITECTURES` holds the same names' parameter layouts.)
     """
 

@@ -35,6 +35,8 @@ import os
 import sys
 import warnings
 
+from alexnet_jax.upstream import jax_backends_initialized
+
 ENV = "ALEXNET_JAX_KEEP_HOST_MEMORY"
 
 # (mallopt name, parameter number from glibc's <malloc.h>, value, the same setting as a glibc tunable)
@@ -79,15 +81,8 @@ def keep_freed_memory() -> str:
 
 
 def _jax_cpu_backend_started() -> bool:
-    if "jax" not in sys.modules:
+    if "jax" not in sys.modules or not jax_backends_initialized():
         return False
-    try:
-        from jax._src import xla_bridge  # private, hence the guard: a newer JAX may move it
+    import jax
 
-        if not xla_bridge.backends_are_initialized():
-            return False
-        import jax
-
-        return jax.default_backend() == "cpu"
-    except (ImportError, AttributeError):
-        return False
+    return jax.default_backend() == "cpu"

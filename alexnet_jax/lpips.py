@@ -22,7 +22,7 @@ What `lpips.LPIPS(net="alex")` computes (lpips 0.1.4, lpips/lpips.py), and so th
 
 The trunk weights are torchvision's ImageNet weights, converted by `convert/torch_to_flax.py`
 (lpips builds `torchvision.models.alexnet(pretrained=True)`). The linear weights ship in
-`data/lpips/`, copied from lpips 0.1.4's wheel (BSD-2-Clause, see `data/lpips/README.md`).
+`assets/lpips/`, copied from lpips 0.1.4's wheel (BSD-2-Clause, see `assets/lpips/README.md`).
 Neither torch nor lpips is needed at run time. The bottom of this module reads and pairs
 image files for `examples/lpips_distance.py`.
 """
@@ -45,12 +45,12 @@ import numpy as np
 from flax import serialization
 from jax import lax
 
-from .convert import _check, _flat_params
-from .images import ImageReadError, is_image_name, load_image
-from .io import atomic_write_bytes, check_output_file
-from .model import CONV_LAYERS, TRUNK_LAYERS, trunk_features, trunk_min_size
-from .predict import DEFAULT_BATCH_SIZE, padded_size
-from .preprocess import to_model_mode, to_unit_float
+from alexnet_jax.files import atomic_write_bytes, check_output_file
+from alexnet_jax.inference.predict import DEFAULT_BATCH_SIZE, padded_size
+from alexnet_jax.models.alexnet import CONV_LAYERS, TRUNK_LAYERS, trunk_features, trunk_min_size
+from alexnet_jax.models.variables import check_shapes, flat_params
+from alexnet_jax.transforms.images import ImageReadError, is_image_name, load_image
+from alexnet_jax.transforms.preprocess import to_model_mode, to_unit_float
 
 VERSIONS = ("0.0", "0.1")
 DEFAULT_VERSION = "0.1"  # lpips's default, and what papers mean by "LPIPS (AlexNet)"
@@ -94,9 +94,9 @@ def lin_weights(version: str = DEFAULT_VERSION) -> dict[str, np.ndarray]:
     """
     _check_version(version)
     name = f"alex_v{version}.msgpack"
-    data = (resources.files("alexnet_jax") / "data" / "lpips" / name).read_bytes()
+    data = (resources.files("alexnet_jax") / "assets" / "lpips" / name).read_bytes()
     arrays = serialization.msgpack_restore(data)
-    check_lin_weights(arrays, f"alexnet_jax/data/lpips/{name}")
+    check_lin_weights(arrays, f"alexnet_jax/assets/lpips/{name}")
     for array in arrays.values():
         array.setflags(write=False)  # cached and shared: nobody may change them in place
     return arrays
@@ -109,7 +109,7 @@ def _check_version(version: str) -> None:
 
 def _trunk_params(variables: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     """The five conv layers of AlexNet variables (any head, or none), checked; the rest left out."""
-    flat = _flat_params(variables)
+    flat = flat_params(variables)
     expected, in_channels = {}, 3
     for index, out, kernel, _, _ in CONV_LAYERS:
         expected[f"features_{index}/kernel"] = (kernel, kernel, in_channels, out)
@@ -117,7 +117,7 @@ def _trunk_params(variables: Mapping[str, Any]) -> dict[str, dict[str, np.ndarra
         in_channels = out
     # Only conv leaves are compared: a classifier is allowed, and not needed.
     found = {k: np.shape(v) for k, v in flat.items() if k.startswith("features_")}
-    _check(found, expected, "the LPIPS trunk (AlexNet's features_0..features_10)")
+    check_shapes(found, expected, "the LPIPS trunk (AlexNet's features_0..features_10)")
     trunk: dict[str, dict[str, np.ndarray]] = {}
     for key in expected:
         module, leaf = key.split("/")

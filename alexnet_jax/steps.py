@@ -5,10 +5,10 @@
     sums = eval_step(state, batch)                  # loss / top-1 / top-5 sums
 
 A batch is a dict of numpy or jax arrays: `image` float32 (N, H, W, 3) normalized as
-`alexnet_jax.preprocess` does, `label` int32 (N,), `mask` float32 (N,) with 0 for
+`alexnet_jax.transforms.preprocess` does, `label` int32 (N,), `mask` float32 (N,) with 0 for
 padding and for images that could not be read (they count for nothing). Everything
-here needs only the core dependencies; `alexnet_jax.train` drives it (data,
-evaluation, checkpoints, metrics) and `alexnet_jax.parallel` spreads it over devices.
+here needs only the core dependencies; `alexnet_jax.training.loop` drives it (data,
+evaluation, checkpoints, metrics) and `alexnet_jax.distributed.parallel` spreads it over devices.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ TRAIN_FORWARDS = 3
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    from alexnet_jax.model import CONV_ALGORITHMS, MIN_SIZE
+    from alexnet_jax.models.alexnet import MIN_SIZE
+    from alexnet_jax.models.layers import CONV_ALGORITHMS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
@@ -125,12 +126,13 @@ def _interleaved_medians(
 def model_flops_per_image(size: int, num_classes: int = 1000) -> int:
     """Forward FLOPs of one size x size image: 2 x the multiply-adds of the conv and dense layers.
 
-    Read off `alexnet_jax.model`'s layer table; biases, ReLUs, pools and the loss are
+    Read off `alexnet_jax.models.alexnet`'s layer table; biases, ReLUs, pools and the loss are
     left out (well under 1%). torchvision's model card gives 0.714 "GFLOPS" at 224:
     that counts a multiply-add as one, so this is twice it (1.43e9), the count that
     peak FLOP/s figures use.
     """
-    from alexnet_jax.model import CONV_LAYERS, HIDDEN, POOL_AFTER, POOL_OUTPUT, POOL_STRIDE, POOL_WINDOW
+    from alexnet_jax.models.alexnet import CONV_LAYERS, HIDDEN, POOL_AFTER
+    from alexnet_jax.models.layers import POOL_OUTPUT, POOL_STRIDE, POOL_WINDOW
 
     macs, side, channels = 0, size, 3
     for index, features, kernel, stride, pad in CONV_LAYERS:
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import torch
 
-    from alexnet_jax.reference import torch_alexnet_class
+    from alexnet_jax.weights.reference import torch_alexnet_class
 
     accelerator = _accelerator()
     bf16 = accelerator or args.bf16
@@ -411,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
 def _write(path: Path | None, results: dict) -> None:
     if path is None:
         return
-    from alexnet_jax.io import atomic_write_bytes
+    from alexnet_jax.files import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(results, indent=2) + "\n").encode())
 

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     t = results["batch1_forward"]
     print(f"batch-1 forward: {t['numpy_ms']:.0f} ms with numpy variables, {t['device_ms']:.0f} ms with device arrays")
     if args.output:
-        from alexnet_jax.io import atomic_write_bytes
+        from alexnet_jax.files import atomic_write_bytes
 
         atomic_write_bytes(args.output, (json.dumps(results, indent=2) + "\n").encode())
     print(f"({time.perf_counter() - started:.0f} s in all)", file=sys.stderr)

@@ -33,7 +33,7 @@ import numpy as np
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     from alexnet_jax.lpips import DEFAULT_VERSION, MIN_SIZE, VERSIONS
-    from alexnet_jax.model import CONV_ALGORITHMS
+    from alexnet_jax.models.layers import CONV_ALGORITHMS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=32, help="pairs per call (default %(default)s)")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from alexnet_jax import lpips, torch_to_flax
-    from alexnet_jax.reference import torch_alexnet_class
+    from alexnet_jax.weights.reference import torch_alexnet_class
 
     _import_lpips()  # torchvision and lpips importable before lpips.torch_reference
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = _interleaved_medians(fns, args.repeats, args.warmup)
         results["pairs_per_s"][work] = {name: args.batch / s for name, s in seconds.items()}
     if args.output:
-        from alexnet_jax.io import atomic_write_bytes
+        from alexnet_jax.files import atomic_write_bytes
 
         atomic_write_bytes(args.output, (json.dumps(results, indent=2) + "\n").encode())
     print(_table(results))

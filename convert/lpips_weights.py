@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Copy lpips 0.1.4's AlexNet linear-layer weights into alexnet_jax/data/lpips/ (run once, needs torch and lpips).
+"""Copy lpips 0.1.4's AlexNet linear-layer weights into alexnet_jax/assets/lpips/ (run once, needs torch and lpips).
 
     python convert/lpips_weights.py           # write alex_v0.0.msgpack, alex_v0.1.msgpack and LICENSE-lpips.txt
     python convert/lpips_weights.py --check   # exit 1 unless the shipped files equal what it would write
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 LPIPS_VERSION = "0.1.4"  # the wheel the shipped files came from
-OUT = Path(__file__).resolve().parents[1] / "alexnet_jax" / "data" / "lpips"
+OUT = Path(__file__).resolve().parents[1] / "alexnet_jax" / "assets" / "lpips"
 LICENSE_NAME = "LICENSE-lpips.txt"
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="compare with the shipped files instead of writing")
     args = p.parse_args(argv)
-    from alexnet_jax.io import atomic_write_bytes
+    from alexnet_jax.files import atomic_write_bytes
 
     files = converted_files()
     if args.check:

@@ -5,7 +5,7 @@
     python convert/torch_to_flax.py --checkpoint model.pth --output model.msgpack --verify
 
 Either layout, recognized from the tensors: torchvision's AlexNet (for `alexnet_jax.AlexNet`)
-or the 2012 paper's (for `alexnet_jax.AlexNet2012`; `alexnet_jax.reference` has its torch
+or the 2012 paper's (for `alexnet_jax.AlexNet2012`; `alexnet_jax.weights.reference` has its torch
 module). --verify runs the matching torch reference.
 
 Kept short on purpose: it parses flags and calls the library. Every failure is one
@@ -77,15 +77,11 @@ def _describe_source(path: Path, record) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from alexnet_jax import ConversionError, torch_to_flax
-    from alexnet_jax.convert import ARCHITECTURES, strip_prefix, variables_architecture
-    from alexnet_jax.io import (
-        atomic_write_bytes,
-        check_writable_folder,
-        is_safetensors,
-        variables_from_bytes,
-        variables_to_bytes,
-    )
-    from alexnet_jax.weights import IMAGENET1K_V1, WeightsError, fetch_state_dict, load_checkpoint
+    from alexnet_jax.files import atomic_write_bytes, check_writable_folder
+    from alexnet_jax.models.variables import ARCHITECTURES, variables_architecture
+    from alexnet_jax.weights.convert import strip_prefix
+    from alexnet_jax.weights.serialization import is_safetensors, variables_from_bytes, variables_to_bytes
+    from alexnet_jax.weights.torchvision import IMAGENET1K_V1, WeightsError, fetch_state_dict, load_checkpoint
 
     def check_output(output: Path) -> None:
         # Before the download, the conversion and --verify, not after them.
@@ -122,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         if args.verify:
-            from alexnet_jax.verify import verify
+            from alexnet_jax.inference.verify import verify
 
             # The restored bytes are what lands on disk, so this checks the file, not just the arrays.
             report = verify(state_dict, restored)
@@ -137,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through interrupt_on_signals
-        from alexnet_jax.shutdown import exit_status
+        from alexnet_jax.training.shutdown import exit_status
 
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"error: interrupted by {signal.Signals(signum).name}; nothing was written", file=sys.stderr)
@@ -148,7 +144,7 @@ if __name__ == "__main__":
     # An entry script may make process-wide choices; the library never does. Before JAX
     # starts its backend: glibc keeps the memory XLA's CPU programs free (host_memory.py).
     from alexnet_jax import keep_freed_memory
-    from alexnet_jax.shutdown import interrupt_on_signals
+    from alexnet_jax.training.shutdown import interrupt_on_signals
 
     keep_freed_memory()
     interrupt_on_signals()  # SIGTERM mid-write: the temporary file is removed, one line, exit 143

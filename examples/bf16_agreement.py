@@ -3,7 +3,7 @@
     python examples/bf16_agreement.py --weights alexnet.msgpack [IMAGE_OR_DIR ...]
     python examples/bf16_agreement.py --seed 0          # no weights file: needs torch
 
-Images: the four photos shipped in alexnet_jax/samples, plus any files and folders
+Images: the four photos shipped in alexnet_jax/assets/samples, plus any files and folders
 given. Without --weights, the weights are torchvision's random initialization under
 --seed (torch's default init, as `torchvision.models.alexnet()` makes them): their
 logits are nearly flat, so top-1 there is decided by tiny margins and agreement is a
@@ -17,17 +17,17 @@ import sys
 from pathlib import Path
 
 from alexnet_jax import keep_freed_memory, load_variables, torch_to_flax
-from alexnet_jax.classify import find_images
-from alexnet_jax.images import ImageReadError, load_image
-from alexnet_jax.predict import dtype_agreement
-from alexnet_jax.verify import sample_images
+from alexnet_jax.inference.classify import find_images
+from alexnet_jax.inference.predict import dtype_agreement
+from alexnet_jax.inference.verify import sample_images
+from alexnet_jax.transforms.images import ImageReadError, load_image
 
 
 def seeded_variables(seed: int):
     """torchvision's AlexNet initialized under `seed`, converted (torch's default init, not Flax's)."""
     import torch
 
-    from alexnet_jax.reference import torch_alexnet_class
+    from alexnet_jax.weights.reference import torch_alexnet_class
 
     torch.manual_seed(seed)
     model_class, _ = torch_alexnet_class()

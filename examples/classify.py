@@ -7,7 +7,7 @@ Predictions go to stdout, one line per image; unreadable files, the progress bar
 and the summary go to stderr. Exit status: 0 when every image named on the
 command line was classified (unreadable files found inside folders are reported,
 not fatal), 1 when a named file could not be read, nothing was classified, or the
-weights could not be loaded, 2 for bad arguments. The work is in `alexnet_jax.classify`.
+weights could not be loaded, 2 for bad arguments. The work is in `alexnet_jax.inference.classify`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from alexnet_jax import keep_freed_memory, load_variables
-from alexnet_jax.classify import check_output_path, classify_files, find_images, format_result, summarize, write_results
-from alexnet_jax.predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K
+from alexnet_jax.inference.classify import (
+    check_output_path,
+    classify_files,
+    find_images,
+    format_result,
+    summarize,
+    write_results,
+)
+from alexnet_jax.inference.predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

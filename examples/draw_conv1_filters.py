@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from alexnet_jax import keep_freed_memory, load_variables
-from alexnet_jax.visualize import save_conv1_filters
+from alexnet_jax.inference.pictures import save_conv1_filters
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
 
 The 8x8 grey digits are scaled to --image-size (bilinear), repeated to RGB and normalized
 with ImageNet's mean and deviation; a stratified fifth of them (by --seed) is held out.
-The model is `alexnet_jax.nnx_model.AlexNet`, loaded by `AlexNet.from_variables` (its head
+The model is `alexnet_jax.models.nnx.AlexNet`, loaded by `AlexNet.from_variables` (its head
 replaced by a fresh 10-class one) or freshly initialized; it trains by SGD with momentum 0.9
 through `nnx_model.train_step`. --output writes the result with `alexnet_jax.save_variables`,
 loadable by the linen `AlexNet(num_classes=10)`. Exit status: 0 trained; 1 a missing or bad
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from alexnet_jax import MEAN_RGB, STDDEV_RGB, keep_freed_memory, load_variables, save_variables
-from alexnet_jax.model import CONV_ALGORITHMS, MIN_SIZE
+from alexnet_jax.models.alexnet import MIN_SIZE
+from alexnet_jax.models.layers import CONV_ALGORITHMS
 
 NUM_CLASSES = 10
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from flax import nnx
     from tqdm import tqdm
 
-    from alexnet_jax.nnx_model import AlexNet, eval_step, to_variables, train_step
+    from alexnet_jax.models.nnx import AlexNet, eval_step, to_variables, train_step
 
     start = time.perf_counter()
     rngs = nnx.Rngs(params=args.seed, dropout=args.seed)

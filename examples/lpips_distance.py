@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from alexnet_jax import keep_freed_memory, load_variables, lpips
-from alexnet_jax.predict import DEFAULT_BATCH_SIZE
+from alexnet_jax.inference.predict import DEFAULT_BATCH_SIZE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -23,7 +23,7 @@ SIGTERM or Ctrl-C: a checkpoint at the next step boundary, one line, exit 128 + 
 Exit status: 0 trained; 1 bad data, workdir (in use, not writable, full) or weights, a
 damaged checkpoint with none intact before it, a non-finite loss, a batch that does not
 split over the devices, or processes that could not meet or lost a peer; 2 bad arguments;
-143/130 stopped by SIGTERM/SIGINT after saving. The work is in `alexnet_jax.train.train_and_evaluate`.
+143/130 stopped by SIGTERM/SIGINT after saving. The work is in `alexnet_jax.training.loop.train_and_evaluate`.
 """
 
 from __future__ import annotations
@@ -36,11 +36,7 @@ import sys
 try:
     from alexnet_jax import keep_freed_memory
     from alexnet_jax.archs import ARCHS, COLOUR_PCA_CHOICES
-    from alexnet_jax.augment import EVAL_CROPS
-    from alexnet_jax.checkpoint import CheckpointError
-    from alexnet_jax.data import DataError
-    from alexnet_jax.model import CONV_ALGORITHMS
-    from alexnet_jax.parallel import (
+    from alexnet_jax.distributed.parallel import (
         INIT_TIMEOUT_S,
         MODES,
         PEER_TIMEOUT_S,
@@ -49,9 +45,16 @@ try:
         initialize_distributed,
         leave_run,
     )
-    from alexnet_jax.shutdown import StopRequested
-    from alexnet_jax.train import EPOCHS, RECIPES, NonFiniteLossError, TrainConfig, train_and_evaluate
-    from alexnet_jax.workdir import WorkdirBusyError
+    from alexnet_jax.models.layers import CONV_ALGORITHMS
+    from alexnet_jax.steps import EPOCHS
+    from alexnet_jax.training.checkpoint import CheckpointError
+    from alexnet_jax.training.config import TrainConfig
+    from alexnet_jax.training.loop import NonFiniteLossError, train_and_evaluate
+    from alexnet_jax.training.pipeline import DataError
+    from alexnet_jax.training.recipe import RECIPES
+    from alexnet_jax.training.shutdown import StopRequested
+    from alexnet_jax.training.workdir import WorkdirBusyError
+    from alexnet_jax.transforms.augment import EVAL_CROPS
 except ImportError as e:  # Orbax, Grain or matplotlib missing: one line, not a traceback
     sys.exit(f"error: {e}; training needs the train extra: pip install 'alexnet-jax[train]'")
 

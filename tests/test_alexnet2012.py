@@ -16,14 +16,15 @@ import torch
 from flax import nnx
 
 from alexnet_jax import AlexNet2012, ConversionError, flax_to_torch, load_variables, torch_to_flax
-from alexnet_jax.convert import check_variables, model_for, state_dict_architecture, variables_architecture
-from alexnet_jax.model import conv2d
-from alexnet_jax.model2012 import BIAS_ONE, INIT_STD, local_response_norm
-from alexnet_jax.nnx_model import AlexNet2012 as NNXAlexNet2012
-from alexnet_jax.nnx_model import logits as nnx_logits
-from alexnet_jax.nnx_model import to_variables
-from alexnet_jax.reference import torch_alexnet2012, torch_alexnet2012_class
-from alexnet_jax.verify import verify_images
+from alexnet_jax.inference.verify import verify_images
+from alexnet_jax.models.alexnet2012 import BIAS_ONE, INIT_STD, local_response_norm
+from alexnet_jax.models.layers import conv2d
+from alexnet_jax.models.nnx import AlexNet2012 as NNXAlexNet2012
+from alexnet_jax.models.nnx import logits as nnx_logits
+from alexnet_jax.models.nnx import to_variables
+from alexnet_jax.models.variables import check_variables, model_for, variables_architecture
+from alexnet_jax.weights.convert import state_dict_architecture
+from alexnet_jax.weights.reference import torch_alexnet2012, torch_alexnet2012_class
 
 NUM_CLASSES = 10
 SEEDS = (0, 1)
@@ -234,7 +235,7 @@ def test_neither_layout_is_one_error_against_the_closest(state_dict):
 def test_cli_converts_a_2012_checkpoint_and_verifies(tmp_path, state_dict, capsys):
     from test_cli import cli  # the script, loaded once by test_cli
 
-    from alexnet_jax.weights import load_checkpoint
+    from alexnet_jax.weights.torchvision import load_checkpoint
 
     # A training checkpoint: under 'state_dict', with DataParallel's `module.` prefixes.
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state_dict.items()}}, tmp_path / "ddp.pth")

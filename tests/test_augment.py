@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax.augment import (
+from alexnet_jax.training.pipeline import colour_pca_from_folder, eval_batches, image_folder, train_batches
+from alexnet_jax.transforms.augment import (
     IMAGENET_PCA,
     PAPER_SQUARE_SIZE,
     eval_transform,
@@ -15,8 +16,7 @@ from alexnet_jax.augment import (
     paper_train_transform,
     ten_crop,
 )
-from alexnet_jax.data import colour_pca_from_folder, eval_batches, image_folder, train_batches
-from alexnet_jax.preprocess import MEAN_RGB, STDDEV_RGB
+from alexnet_jax.transforms.preprocess import MEAN_RGB, STDDEV_RGB
 
 MEAN, STD = np.asarray(MEAN_RGB), np.asarray(STDDEV_RGB)
 

@@ -10,13 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax.checkpoint import CheckpointError, Checkpoints
-from alexnet_jax.steps import (
-    create_train_state,
-    current_learning_rate,
-    make_optimizer,
-    set_learning_rate,
-)
+from alexnet_jax.steps import create_train_state, current_learning_rate, make_optimizer, set_learning_rate
+from alexnet_jax.training.checkpoint import CheckpointError, Checkpoints
 
 from helpers import run_python
 
@@ -127,7 +122,7 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_restored(tm
 _FULL_DISK_CHILD = """
 import resource, signal, sys
 import flax.linen as nn, jax, jax.numpy as jnp
-from alexnet_jax.checkpoint import CheckpointError, Checkpoints
+from alexnet_jax.training.checkpoint import CheckpointError, Checkpoints
 from alexnet_jax.steps import create_train_state, make_optimizer
 model = nn.Dense(512)
 params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1024)))["params"]  # 2 MB, 4 MB with momentum

@@ -1,4 +1,4 @@
-"""Classifying files and folders: the library in `alexnet_jax.classify` and `examples/classify.py` end to end.
+"""Classifying files and folders: the library in `alexnet_jax.inference.classify` and `examples/classify.py` end to end.
 
 The CLI runs in a subprocess (`sys.executable`) on a weights file of seeded
 torchvision-init weights; its labels must equal the library's `predict` on the
@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from alexnet_jax import predict, save_variables, torch_to_flax
-from alexnet_jax.classify import (
+from alexnet_jax.inference.classify import (
     FileResult,
     check_output_path,
     classify_files,
@@ -29,12 +29,12 @@ from alexnet_jax.classify import (
     summarize,
     write_results,
 )
-from alexnet_jax.images import ImageReadError, load_image, walk_images
+from alexnet_jax.transforms.images import ImageReadError, load_image, walk_images
 
 from helpers import REPO, run_python
 
 CLASSIFY = REPO / "examples" / "classify.py"
-SAMPLES = REPO / "alexnet_jax" / "samples"
+SAMPLES = REPO / "alexnet_jax" / "assets" / "samples"
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

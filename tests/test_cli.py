@@ -75,7 +75,7 @@ def _run(*args, cwd, env=None):
 
 def _logits(variables_or_sd, x, *, torch_side=False):
     if torch_side:
-        from alexnet_jax.reference import torch_alexnet
+        from alexnet_jax.weights.reference import torch_alexnet
 
         model, _ = torch_alexnet(variables_or_sd, 1000)
         with torch.no_grad():
@@ -154,7 +154,7 @@ def test_nonfinite_allowed_with_flag(files, tmp_path):
 
 def test_verify_mismatch_exits_3_and_writes_nothing(files, tmp_path, capsys, monkeypatch):
     """A converter bug (the square fc7 weight left untransposed) is caught by --verify."""
-    from alexnet_jax import convert
+    from alexnet_jax.weights import convert
 
     to_flax, to_torch = convert._TRANSFORMS["linear"]
     buggy = (lambda w: w if w.shape[0] == w.shape[1] else to_flax(w), to_torch)

@@ -14,7 +14,7 @@ from alexnet_jax import ConversionError, flax_to_torch, torch_to_flax
 @pytest.fixture(scope="module")
 def state_dict():
     """torchvision-format weights with distinct values everywhere (no symmetric matrices)."""
-    from alexnet_jax.reference import _vendored_alexnet_class
+    from alexnet_jax.weights.reference import _vendored_alexnet_class
 
     torch.manual_seed(0)
     return {k: v.detach().clone() for k, v in _vendored_alexnet_class()().state_dict().items()}

@@ -12,15 +12,8 @@ from grain.multiprocessing import SharedMemoryArray
 from PIL import Image
 
 from alexnet_jax import preprocess
-from alexnet_jax.data import (
-    DataError,
-    eval_batches,
-    eval_transform,
-    image_folder,
-    random_resized_crop_box,
-    train_batches,
-    train_transform,
-)
+from alexnet_jax.training.pipeline import DataError, eval_batches, image_folder, train_batches
+from alexnet_jax.transforms.augment import eval_transform, random_resized_crop_box, train_transform
 
 from helpers import children, gone
 
@@ -216,7 +209,7 @@ def test_a_link_loop_in_a_class_folder_is_walked_once_and_reported(tmp_path, cap
 
 _WORKER_CHILD = """
 import sys, time
-from alexnet_jax.data import image_folder, train_batches
+from alexnet_jax.training.pipeline import image_folder, train_batches
 batches = train_batches(image_folder(sys.argv[1]), batch_size=2, image_size=64, seed=0, num_steps=10_000, workers=1)
 next(batches)
 print("ready", flush=True)

@@ -113,8 +113,9 @@ def test_import_alone_changes_nothing_process_wide():
                 if line.startswith("Umask:"):
                     return line.split()[1]
         before = (umask(), socket.getdefaulttimeout())
-        import alexnet_jax, alexnet_jax.train, alexnet_jax.data, alexnet_jax.checkpoint, alexnet_jax.parallel
-        import alexnet_jax.classify, alexnet_jax.predict, alexnet_jax.visualize
+        import alexnet_jax, alexnet_jax.training.loop, alexnet_jax.training.pipeline, alexnet_jax.training.checkpoint
+        import alexnet_jax.distributed.parallel, alexnet_jax.inference.classify, alexnet_jax.inference.predict
+        import alexnet_jax.inference.pictures
         import numpy as np
         a = np.ones(800 * 2**20, np.uint8); del a
         rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from alexnet_jax import ConversionError, load_variables, save_variables
-from alexnet_jax.io import _host, atomic_write_bytes, check_writable_folder
+from alexnet_jax.files import _host, atomic_write_bytes, check_writable_folder
 
 from helpers import run_python
 
@@ -96,7 +96,7 @@ def test_load_model_from_every_kind_of_source(tmp_path, torchvision_state_dict, 
     from safetensors.torch import save_file
 
     from alexnet_jax import load_model, torch_to_flax
-    from alexnet_jax.weights import WeightsRecord
+    from alexnet_jax.weights.torchvision import WeightsRecord
 
     state_dict = torchvision_state_dict(0, 10)
     want = torch_to_flax(state_dict)
@@ -147,7 +147,7 @@ def test_a_killed_writer_leaves_a_temporary_that_the_next_write_removes(tmp_path
     killed = run_python(
         [
             "-c",
-            "import os, signal, sys\nfrom pathlib import Path\nfrom alexnet_jax.io import _create_temporary\n"
+            "import os, signal, sys\nfrom pathlib import Path\nfrom alexnet_jax.files import _create_temporary\n"
             "fd, tmp = _create_temporary(Path(sys.argv[1]), 'final.msgpack')\nos.write(fd, b'half of it')\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n",
             tmp_path,

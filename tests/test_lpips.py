@@ -134,7 +134,7 @@ def test_shipped_weights_are_the_wheels(version, lpips_package):
     assert list(got) == list(want)
     for name, tensor in want.items():
         np.testing.assert_array_equal(got[name], tensor.numpy(), err_msg=name, strict=True)
-    shipped = (ROOT / "alexnet_jax" / "data" / "lpips" / "LICENSE-lpips.txt").read_text()
+    shipped = (ROOT / "alexnet_jax" / "assets" / "lpips" / "LICENSE-lpips.txt").read_text()
     wheel = next(f for f in importlib.metadata.files("lpips") if f.name == "LICENSE")
     assert shipped == wheel.read_text() and "Richard Zhang" in shipped
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from alexnet_jax import IMAGENET1K_V1, AlexNet, check_variables
-from alexnet_jax.model import FEATURE_NAMES, adaptive_avg_pool, adaptive_pool_matrix
+from alexnet_jax.models.alexnet import FEATURE_NAMES
+from alexnet_jax.models.layers import adaptive_avg_pool, adaptive_pool_matrix
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_max_pool_gradient_matches_torch_ties_included(shape):
     """The hand-written max-pool gradient routes to the first maximum of each window, as torch does."""
     import torch
 
-    from alexnet_jax.model import max_pool
+    from alexnet_jax.models.layers import max_pool
 
     rng = np.random.default_rng(sum(shape))
     # Rounded, ReLU'd values: many windows hold several equal maxima (zeros and positive ties).
@@ -129,7 +130,7 @@ def test_max_pool_gradient_matches_torch_ties_included(shape):
 
 def test_max_pool_forward_mode_is_the_transpose_of_its_gradient():
     # jvp and grad both work through the pool (the derivative is a custom_jvp), and agree.
-    from alexnet_jax.model import max_pool
+    from alexnet_jax.models.layers import max_pool
 
     rng = np.random.default_rng(0)
     x, t = (jnp.asarray(rng.standard_normal((2, 13, 15, 3)).astype(np.float32)) for _ in range(2))
@@ -181,7 +182,7 @@ def test_trunk_features_equal_the_sown_activations(variables, size):
 
 def test_trunk_features_choice_of_layers_depth_and_grad(variables):
     from alexnet_jax import trunk_features
-    from alexnet_jax.model import trunk_min_size
+    from alexnet_jax.models.alexnet import trunk_min_size
 
     conv_only = {"params": {k: v for k, v in variables["params"].items() if k.startswith("features_")}}
     x = jax.random.normal(jax.random.key(5), (1, 31, 40, 3))

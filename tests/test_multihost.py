@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from alexnet_jax import load_variables
-from alexnet_jax.train import TrainConfig, read_metrics, train_and_evaluate
+from alexnet_jax.training.config import TrainConfig
+from alexnet_jax.training.loop import train_and_evaluate
+from alexnet_jax.training.metrics import read_metrics
 
 from helpers import REPO, run_python
 from test_parallel import _relative_difference
@@ -212,7 +214,7 @@ def test_a_peer_that_never_arrives_ends_the_run_with_one_line_and_exit_1(data, t
 def test_process_0_learns_it_is_process_0_from_the_cluster_before_jax_starts(monkeypatch):
     """On Slurm (and Open MPI, k8s, TPU) nothing is given: process 0 must still know, to serve the coordinator
     from a process of its own. JAX's own detection answers; outside a cluster nothing is made up."""
-    from alexnet_jax.parallel import _detect
+    from alexnet_jax.distributed.parallel import _detect
 
     for name in os.environ:
         if name.startswith(("SLURM_", "OMPI_", "JAX_", "TPU_", "MEGASCALE_")):
@@ -231,7 +233,7 @@ def test_jax_can_still_be_configured_after_joining(tmp_path):
     initialize_distributed must not start the backend (it asked jax.process_count() before)."""
     script = (
         "import sys, jax\n"
-        "from alexnet_jax.parallel import initialize_distributed\n"
+        "from alexnet_jax.distributed.parallel import initialize_distributed\n"
         "initialize_distributed(sys.argv[1], 1, 0)\n"
         "jax.config.update('jax_num_cpu_devices', 2)\n"
         "print(jax.device_count())\n"

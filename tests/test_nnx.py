@@ -28,8 +28,8 @@ from alexnet_jax import (
     torch_to_flax,
     trunk_features,
 )
-from alexnet_jax.nnx_model import AlexNet as NNXAlexNet
-from alexnet_jax.nnx_model import Conv, eval_step, logits, to_variables, train_step
+from alexnet_jax.models.nnx import AlexNet as NNXAlexNet
+from alexnet_jax.models.nnx import Conv, eval_step, logits, to_variables, train_step
 
 from helpers import REPO, run_python
 

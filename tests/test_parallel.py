@@ -59,13 +59,8 @@ def _child() -> dict:
     import numpy as np
 
     from alexnet_jax import AlexNet
-    from alexnet_jax.parallel import PMAP_AXIS, make_parallel
-    from alexnet_jax.steps import (
-        create_train_state,
-        dropout_key,
-        init_params,
-        make_optimizer,
-    )
+    from alexnet_jax.distributed.parallel import PMAP_AXIS, make_parallel
+    from alexnet_jax.steps import create_train_state, dropout_key, init_params, make_optimizer
 
     assert jax.device_count() == DEVICES, jax.devices()
     # Dropout off: the variants draw different masks. XLA's convolution: what is under test is

@@ -1,7 +1,7 @@
 """Parity with the real `torchvision.models.alexnet`: logits, top-5, gradients, weights back into torchvision.
 
 Tolerances, and why:
-- logits: largest |dlogit| <= 1e-4 x largest |logit| (alexnet_jax.verify.RTOL). Both sides
+- logits: largest |dlogit| <= 1e-4 x largest |logit| (alexnet_jax.inference.verify.RTOL). Both sides
   run float32 (JAX at 'highest' matmul precision, set in conftest); they differ only
   in summation order, ~1e-6 of the logit scale. A wrong transform moves logits by O(1)
   of their scale, four orders of magnitude above the bound.
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from alexnet_jax import AlexNet, flax_to_torch, torch_to_flax
-from alexnet_jax.verify import RTOL, compare_logits, top_k
+from alexnet_jax.inference.verify import RTOL, compare_logits, top_k
 
 SEEDS = (0, 1, 2)
 # 224: the standard size. 227: the paper's. 256x320: pools to 7x9, so the adaptive
@@ -149,7 +149,7 @@ def test_converted_back_weights_reproduce_torch_logits(torchvision, torchvision_
 
 def test_the_reference_copy_equals_torchvision(torchvision, torchvision_state_dict, photos):
     """`--verify` falls back to a copy of torchvision's class where torchvision won't import; prove it identical."""
-    from alexnet_jax.reference import _vendored_alexnet_class
+    from alexnet_jax.weights.reference import _vendored_alexnet_class
 
     state_dict = torchvision_state_dict(0)
     copy = _vendored_alexnet_class()()

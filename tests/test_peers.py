@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from alexnet_jax.peers import HEARTBEAT_PREFIX, CoordinatorService, PeerWatch
+from alexnet_jax.distributed.peers import HEARTBEAT_PREFIX, CoordinatorService, PeerWatch
 
 from helpers import gone
 

@@ -23,14 +23,9 @@ from alexnet_jax import (
     preprocess_batch,
     torch_to_flax,
 )
-from alexnet_jax.labels import class_names
-from alexnet_jax.model import FEATURE_NAMES
-from alexnet_jax.predict import (
-    dtype_agreement,
-    padded_size,
-    predictions_from_logits,
-    softmax,
-)
+from alexnet_jax.inference.labels import class_names
+from alexnet_jax.inference.predict import dtype_agreement, padded_size, predictions_from_logits, softmax
+from alexnet_jax.models.alexnet import FEATURE_NAMES
 
 RTOL = 1e-4
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # one per XLA compilation

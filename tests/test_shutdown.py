@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from alexnet_jax.io import atomic_write_bytes
-from alexnet_jax.shutdown import Interrupted, StopRequested, StopSignals, exit_status, interrupt_on_signals
+from alexnet_jax.files import atomic_write_bytes
+from alexnet_jax.training.shutdown import Interrupted, StopRequested, StopSignals, exit_status, interrupt_on_signals
 
 from helpers import REPO, children, gone
 from test_train_loop import _colour_folder

@@ -50,8 +50,8 @@ def _child() -> dict:
     import numpy as np
 
     from alexnet_jax import AlexNet2012
+    from alexnet_jax.distributed.towers import make_tower_mesh, make_towers, shard_params, tower_apply
     from alexnet_jax.steps import create_train_state, make_optimizer, train_step
-    from alexnet_jax.towers import make_tower_mesh, make_towers, shard_params, tower_apply
 
     assert jax.device_count() == DEVICES, jax.devices()
     model = AlexNet2012(num_classes=NUM_CLASSES)
@@ -140,7 +140,7 @@ def test_clear_errors():
     import jax
 
     from alexnet_jax import AlexNet
-    from alexnet_jax.towers import make_tower_mesh, tower_apply
+    from alexnet_jax.distributed.towers import make_tower_mesh, tower_apply
 
     with pytest.raises(ValueError, match="needs an even number of devices .* got 1"):
         make_tower_mesh(jax.devices()[:1])

@@ -20,7 +20,7 @@ from alexnet_jax.steps import (
     summarize_eval,
     train_step,
 )
-from alexnet_jax.train import Plateau
+from alexnet_jax.training.recipe import Plateau
 
 NUM_CLASSES = 7
 SIZE = 64  # AlexNet's cheapest useful input (>= 63)
@@ -53,7 +53,7 @@ def test_two_steps_equal_torch_sgd_with_momentum_and_coupled_weight_decay(params
     """Tolerance 1e-5 relative to each tensor's max: torch and XLA sum the conv/matmul gradients in different orders."""
     import torch
 
-    from alexnet_jax.reference import _vendored_alexnet_class
+    from alexnet_jax.weights.reference import _vendored_alexnet_class
 
     lr, wd = 0.05, 0.01
     model = AlexNet(num_classes=NUM_CLASSES, dropout_rate=0.0)

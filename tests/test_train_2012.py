@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import alexnet_jax.train as train_loop
+import alexnet_jax.training.loop as train_loop
 from alexnet_jax import AlexNet, ConversionError, load_variables
-from alexnet_jax.checkpoint import Checkpoints
-from alexnet_jax.convert import variables_architecture
-from alexnet_jax.predict import predict_logits
+from alexnet_jax.inference.predict import predict_logits
+from alexnet_jax.models.variables import variables_architecture
 from alexnet_jax.steps import (
     create_train_state,
     crop_averaged_logits,
@@ -25,7 +24,10 @@ from alexnet_jax.steps import (
     set_learning_rate,
     summarize_eval,
 )
-from alexnet_jax.train import TrainConfig, read_metrics, train_and_evaluate
+from alexnet_jax.training.checkpoint import Checkpoints
+from alexnet_jax.training.config import TrainConfig
+from alexnet_jax.training.loop import train_and_evaluate
+from alexnet_jax.training.metrics import read_metrics
 
 from helpers import run_python
 

@@ -16,16 +16,13 @@ import pytest
 from PIL import Image
 
 from alexnet_jax import AlexNet, load_variables, save_variables
-from alexnet_jax.checkpoint import Checkpoints
 from alexnet_jax.steps import create_train_state, init_params, make_optimizer
-from alexnet_jax.train import (
-    NonFiniteLossError,
-    TrainConfig,
-    lr_for_recipe,
-    read_metrics,
-    train_and_evaluate,
-)
-from alexnet_jax.workdir import WorkdirBusyError, WorkdirLock
+from alexnet_jax.training.checkpoint import Checkpoints
+from alexnet_jax.training.config import TrainConfig
+from alexnet_jax.training.loop import NonFiniteLossError, train_and_evaluate
+from alexnet_jax.training.metrics import read_metrics
+from alexnet_jax.training.recipe import lr_for_recipe
+from alexnet_jax.training.workdir import WorkdirBusyError, WorkdirLock
 
 from helpers import REPO, children, gone, run_python
 
@@ -85,7 +82,7 @@ def test_killed_and_resumed_run_ends_with_the_same_parameters(straight_run, tmp_
     killed = tmp_path / "killed"
     script = (
         "import os, signal, sys\n"
-        "from alexnet_jax.train import TrainConfig, train_and_evaluate\n"
+        "from alexnet_jax import TrainConfig, train_and_evaluate\n"
         "config = TrainConfig(**__import__('json').loads(sys.argv[1]))\n"
         "def kill(step):\n"
         f"    if step == {kill_at}: os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -199,7 +196,7 @@ _SIGTERM_CHILD = """
 import contextlib, os, runpy, signal, sys
 from multiprocessing import resource_tracker
 from pathlib import Path
-import alexnet_jax.train as train
+import alexnet_jax.training.loop as train
 # children()
 
 attached, register = [], resource_tracker.register
@@ -284,7 +281,7 @@ def test_a_workdir_is_owned_by_one_run_at_a_time(data, tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom alexnet_jax.workdir import WorkdirLock\n"
+            "import sys, time\nfrom alexnet_jax.training.workdir import WorkdirLock\n"
             "WorkdirLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(120)\n",
             str(tmp_path),
         ],
@@ -342,7 +339,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_from_the_cli(data, tmp_path
 
 
 def test_resume_drops_a_metrics_line_torn_by_a_kill(tmp_path):
-    from alexnet_jax.train import _truncate_metrics
+    from alexnet_jax.training.metrics import truncate_metrics as _truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6, "val_lo')  # killed mid-append after step 6

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax.visualize import filter_grid, save_conv1_filters
+from alexnet_jax.inference.pictures import filter_grid, save_conv1_filters
 
 
 def test_grid_layout_and_orientation():

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from alexnet_jax import AlexNet, winograd
-from alexnet_jax.model import Conv
-from alexnet_jax.preprocess import preprocess_batch
+from alexnet_jax import AlexNet
+from alexnet_jax.models import winograd
+from alexnet_jax.models.layers import Conv
+from alexnet_jax.transforms.preprocess import preprocess_batch
 
 
 @pytest.mark.parametrize("m, r", [(2, 3), (2, 5), (3, 3), (4, 3), (3, 5)])

@@ -1,0 +1,13 @@
+"""The training run around the pure steps: config, input pipeline, loop, checkpoints, workdir, signals.
+
+- `config`: `TrainConfig`, every check of it, the defaults each architecture gives
+- `recipe`: torchvision's recipe and the paper's (`Plateau`)
+- `pipeline`: ImageFolder, each architecture's transforms in Grain workers, exact resume
+- `loop`: `train_and_evaluate`
+- `checkpoint`: Orbax checkpoints that survive kills, full disks and damage
+- `metrics`: metrics.jsonl and curves.png
+- `workdir`: one run per workdir (the lock), finished results kept
+- `shutdown`: SIGTERM/SIGINT as a stop request; data workers that end with their parent
+
+Needs the `train` extra (Orbax, Grain, matplotlib).
+"""
