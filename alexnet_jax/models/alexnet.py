@@ -3,8 +3,8 @@
 torchvision's AlexNet is the "one weird trick" variant (arXiv 1404.5997), not the
 2012 paper's: 64-192-384-256-256 channels, no local response normalization, no
 grouped convolutions. Layers are named after torchvision's modules
-(`features.0` -> `features_0`, ...) so the conversion table in `convert.py` reads
-like torchvision's state_dict.
+(`features.0` -> `features_0`, ...) so the conversion table (`alexnet_jax.weights.convert`)
+reads like torchvision's state_dict.
 
 Layout is NHWC throughout. The only place where NCHW and NHWC disagree on the
 numbers is the flatten before `classifier.1`; the converter permutes that weight
@@ -112,7 +112,7 @@ class AlexNet(nn.Module):
         param_dtype: the dtype `init` creates parameters in.
         conv_algorithm: "xla" (default) is XLA's convolution: compiles in seconds on
             every backend and under every sharding. "winograd" computes conv2-conv5 by
-            Winograd's algorithm: faster steps on a CPU, ~10 s more to compile; "auto"
+            Winograd's algorithm: faster steps on a CPU, seconds more to compile; "auto"
             takes it on a CPU in float32/float64 only. Same parameters either way.
 
     `__call__(x, train=False)`: x float images (N, H, W, 3) with H, W >= 63,
@@ -147,7 +147,8 @@ class AlexNet(nn.Module):
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         self.fc6, self.fc7 = dense(HIDDEN, name="classifier_1"), dense(HIDDEN, name="classifier_4")
         self.head = dense(self.num_classes, name="classifier_6")
-        # Named as the compact version named them, so dropout masks did not change with setup().
+        # Dropout_0 and Dropout_1, the names nn.compact gives: a submodule's rng is folded with its
+        # path, so these names decide which masks a 'dropout' key draws.
         self.dropouts = [nn.Dropout(self.dropout_rate, name=f"Dropout_{i}") for i in range(2)]
 
     def _relus(self, x: jax.Array, last: int) -> dict[str, jax.Array]:
@@ -180,7 +181,7 @@ class AlexNet(nn.Module):
         for name, value in relus.items():
             self.sow("intermediates", name, value)
         x = adaptive_avg_pool(max_pool(relus[f"relu{len(CONV_LAYERS)}"]))
-        # H, W, C flatten order; convert.py permutes classifier.1 from torch's C, H, W.
+        # H, W, C flatten order; the converter permutes classifier.1 from torch's C, H, W.
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(self.fc6(self.dropouts[0](x, deterministic=not train)))
         x = nn.relu(self.fc7(self.dropouts[1](x, deterministic=not train)))

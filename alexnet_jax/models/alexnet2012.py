@@ -6,13 +6,14 @@ in two groups (the paper's two GPUs; conv1's kernels were split too, but each ha
 whole image, which is a plain convolution), local response normalization after conv1 and
 conv2, overlapping max-pools after conv1, conv2 and conv5, 227x227 input (the paper says
 224, but 11x11 kernels at stride 4 need 227 to give its 55x55 maps). torchvision's
-`AlexNet` (`model.py`) is the 2014 "one weird trick" variant instead.
+`AlexNet` (`models/alexnet.py`) is the 2014 "one weird trick" variant instead.
 
 Layers are named after the torch layout the converter reads (`features.4` ->
-`features_4`, see `convert.py` and `reference.py`), so the conversion table stays
-explicit. `towers.py` runs the same parameters on two devices, one group per device.
-Everything that computes is a function shared with the NNX twin (`nnx_model.AlexNet2012`)
-and the tower-parallel forward: `local_response_norm`, `conv_stack`, `classifier`.
+`features_4`, see `alexnet_jax.weights.convert` and `alexnet_jax.weights.reference`), so the
+conversion table stays explicit. `alexnet_jax.distributed.towers` runs the same parameters on
+two devices, one group per device. Everything that computes is a function shared with the NNX
+twin (`models.nnx.AlexNet2012`) and the tower-parallel forward: `local_response_norm`,
+`conv_stack`, `classifier`.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def local_response_norm(
     at the first and last channel. `alpha` is the paper's: torch's `nn.LocalResponseNorm`
     and Caffe divide their alpha by `size`. Narrow dtypes are normalized in float32.
     `halo`: the squares of the size//2 channels before x's first and the (size-1)//2
-    after its last, for a tower that holds a slice of the channels (`towers.py`);
+    after its last, for a tower that holds a slice of the channels (`distributed.towers`);
     None means x holds them all (zeros beyond the edges).
     **Arguments:** x (..., C). **Returns:** the same shape and dtype.
     """
@@ -165,7 +166,7 @@ def classifier(
 def dropout_masks(key: jax.Array, batch: int, rate: float) -> tuple[jax.Array, jax.Array]:
     """The keep masks of the two dropouts, before fc6 and before fc7, drawn from `key`.
 
-    Drawn for the whole batch at once so that `towers.py`, which splits the batch over
+    Drawn for the whole batch at once so that `distributed.towers`, which splits the batch over
     devices, applies exactly the masks of the single-device model.
     **Returns:** bool (batch, 9216) and (batch, 4096).
     """

@@ -75,8 +75,8 @@ def _pool_views(x: jnp.ndarray) -> list[jnp.ndarray]:
 def max_pool(x: jnp.ndarray) -> jnp.ndarray:
     """torch's `MaxPool2d(3, stride=2)` on NHWC input, with torch's gradient.
 
-    Written over 9 strided views because XLA's own pooling is slow on CPU: reduce_window
-    ~3x, and its gradient (select_and_scatter) ~8x, a tenth of a training step. The
+    Written over 9 strided views because XLA's own pooling is slow on CPU (reduce_window,
+    and above all its gradient, select_and_scatter, a visible part of a training step). The
     forward is the elementwise max of the views (bit-identical to reduce_window). The
     derivative is defined in forward mode, taking each output's tangent from the first
     maximum of its window in row-major order, as torch's backward does; JAX transposes

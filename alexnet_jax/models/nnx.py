@@ -3,9 +3,9 @@
 The layers are the linen model's, attribute for attribute: `features_0` .. `features_10`
 hold `kernel` (HWIO) and `bias`, `classifier_1`, `classifier_4` and `classifier_6` hold
 `kernel` (in, out) and `bias`, so `nnx.state(model, nnx.Param)` has the names and shapes
-of the linen `params` tree (and of torchvision's state_dict, through `convert.py`). Every
-number goes through the linen model's own functions (`model.conv2d`, `model.max_pool`,
-`model.adaptive_avg_pool`) with the same casts, so logits agree bit for bit on the same
+of the linen `params` tree (and of torchvision's state_dict, through `alexnet_jax.weights.convert`).
+Every number goes through the linen model's own functions (`layers.conv2d`, `layers.max_pool`,
+`layers.adaptive_avg_pool`) with the same casts, so logits agree bit for bit on the same
 parameters. The two dropouts are `classifier_0` and `classifier_3`, as in torchvision.
 
 `AlexNet.from_variables` builds the module from a converted `{"params": ...}` tree without
@@ -13,9 +13,9 @@ drawing 61M random numbers first, and `to_variables` gives the tree back for
 `save_variables`, `flax_to_torch` or the linen model. `train_step` and `eval_step` are the
 steps of `examples/finetune_nnx.py`; `logits` is compiled inference.
 
-`AlexNet2012` is the 2012 paper's network (`model2012.AlexNet2012`) the same way: the
+`AlexNet2012` is the 2012 paper's network (`alexnet2012.AlexNet2012`) the same way: the
 linen model's names (features_0, _4, _8, _10, _12; classifier_1, _4, _6), its functions
-(`model2012.conv_stack`, `classifier`, `local_response_norm`), its numbers bit for bit.
+(`alexnet2012.conv_stack`, `classifier`, `local_response_norm`), its numbers bit for bit.
 Loading, the head and the steps are shared between the two classes (`_Loadable`).
 """
 
@@ -66,14 +66,14 @@ _LECUN_NORMAL, _ZEROS = nnx.initializers.lecun_normal(), nnx.initializers.zeros_
 
 
 class Conv(nnx.Module):
-    """`model.Conv` in NNX: a square-kernel convolution computed by `model.conv2d`.
+    """`layers.Conv` in NNX: a square-kernel convolution computed by `layers.conv2d`.
 
     Attributes:
         kernel: `nnx.Param` (k, k, in_features / groups, out_features), HWIO, LeCun-normal
             init unless `kernel_init` says otherwise.
         bias: `nnx.Param` (out_features,), zeros init unless `bias_init` says otherwise.
-        stride, padding, groups: as `model.conv2d` takes them (padding on every side).
-        algorithm: "xla", "winograd" or "auto"; see `model.conv2d`.
+        stride, padding, groups: as `layers.conv2d` takes them (padding on every side).
+        algorithm: "xla", "winograd" or "auto"; see `layers.conv2d`.
         dtype: the computation dtype; None computes in the promoted dtype of input and
             parameters, as `nn.Conv` does.
 
@@ -102,7 +102,8 @@ class Conv(nnx.Module):
         shape = (kernel_size, kernel_size, in_features // groups, out_features)
         key = rngs.params()
         self.kernel = nnx.Param(kernel_init(key, shape, param_dtype))
-        # The bias's key derives from the kernel's: the stream advances once per layer, as it always has.
+        # One key per layer from the params stream, the bias's folded from the kernel's: drawing a
+        # second key would change the parameters every seed gives.
         self.bias = nnx.Param(bias_init(jax.random.fold_in(key, 1), (out_features,), param_dtype))
         self.stride, self.padding, self.groups, self.algorithm, self.dtype = stride, padding, groups, algorithm, dtype
 
@@ -117,7 +118,7 @@ class Conv(nnx.Module):
 class _Loadable(nnx.Module):
     """What both NNX AlexNets share: building from linen variables, the head, its check.
 
-    A subclass sets ARCHITECTURE (a key of `convert.ARCHITECTURES`), takes
+    A subclass sets ARCHITECTURE (a key of `variables.ARCHITECTURES`), takes
     (num_classes, *, param_dtype, rngs, **fields) in `__init__`, and defines `_new_head`.
     """
 
@@ -297,7 +298,7 @@ class AlexNet(_Loadable):
         self._check_head()
         x = self._relus(x, len(CONV_LAYERS))[f"relu{len(CONV_LAYERS)}"]
         x = adaptive_avg_pool(max_pool(x))
-        # H, W, C flatten order; convert.py permutes classifier.1 from torch's C, H, W.
+        # H, W, C flatten order; the converter permutes classifier.1 from torch's C, H, W.
         x = x.reshape((x.shape[0], -1))
         x = nnx.relu(self.classifier_1(self.classifier_0(x)))
         x = nnx.relu(self.classifier_4(self.classifier_3(x)))
@@ -309,7 +310,7 @@ class AlexNet2012(_Loadable):
 
     Attributes:
         num_classes, dropout_rate, dtype, param_dtype, lrn_size, lrn_alpha, lrn_beta,
-            lrn_k: as the linen `model2012.AlexNet2012`'s fields (the LRN in the paper's
+            lrn_k: as the linen `alexnet2012.AlexNet2012`'s fields (the LRN in the paper's
             convention: torch's alpha is lrn_alpha * lrn_size).
         features_0, features_4, features_8, features_10, features_12: the five `Conv`
             layers (conv2, conv4, conv5 in 2 groups), named after the torch layout's `features.N`.
@@ -413,7 +414,7 @@ def to_variables(model: AlexNet | AlexNet2012) -> dict[str, Any]:
 
 
 def _loss(model: AlexNet | AlexNet2012, images: jax.Array, labels: jax.Array) -> jax.Array:
-    # Mean softmax cross-entropy in float32 (torch's CrossEntropyLoss), as train.cross_entropy computes it.
+    # Mean softmax cross-entropy in float32 (torch's CrossEntropyLoss), as steps.cross_entropy computes it.
     logits = model(images).astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
@@ -437,8 +438,8 @@ def logits(model: AlexNet | AlexNet2012, images: jax.Array) -> jax.Array:
     """`model(images)` compiled, for inference: the model's state is read, never written back.
 
     `nnx.jit` returns every Variable of its arguments as an output, so `nnx.jit`ted
-    inference copies all 244 MB of parameters at each call (~40 ms on a 2-core CPU,
-    more than a batch-1 forward); here the model is split into a static graph and its
+    inference copies all 244 MB of parameters at each call (on a CPU, more time than a
+    batch-1 forward takes); here the model is split into a static graph and its
     state and the compiled function returns the logits alone (`nnx.split`, `jax.jit`,
     `nnx.merge`). In train mode dropout's counters do not advance, so every call draws
     the same masks: use `model.eval()` (or `train_step` for training).

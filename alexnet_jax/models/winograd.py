@@ -9,7 +9,8 @@ so the (m+r-1)^2 elementwise products, summed over input channels, become that m
 independent matrix products of shape (tiles, C_in) x (C_in, C_out). For AlexNet's 3x3
 and 5x5 layers with m = 2 that is 2.3x and 2.8x fewer multiplications than the direct
 convolution, and the matrix products run at XLA's GEMM speed, which on CPU is well above
-its convolution speed. The README's Performance section has the measurements.
+its convolution speed. docs/performance.md says what it costs; benchmarks/RESULTS.md has
+the measurements.
 
 The transforms are built exactly (fractions) by Cook-Toom interpolation at the points
 0, 1, -1, 2, -2, ... and infinity. The input and output transforms are applied as
