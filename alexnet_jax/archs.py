@@ -4,8 +4,8 @@
     model = arch.model(num_classes=10)                 # AlexNet2012(num_classes=10)
     x = arch.eval_transform(image, arch.image_size, 10)  # (10, 227, 227, 3)
 
-"torchvision" is torchvision's AlexNet (`model.AlexNet`, the 2014 "one weird trick"
-variant) with torchvision's reference recipe; "2012" is the paper's (`model2012.AlexNet2012`)
+"torchvision" is torchvision's AlexNet (`models.alexnet.AlexNet`, the 2014 "one weird trick"
+variant) with torchvision's reference recipe; "2012" is the paper's (`models.alexnet2012.AlexNet2012`)
 with the paper's data and recipe. Everything that differs between them is a field
 here, so the training loop, the data pipeline and `predict` never ask which one they run.
 """
@@ -38,7 +38,7 @@ class Arch:
     `model(num_classes, conv_algorithm, dtype)` builds the linen module; `train_transform(image,
     size, rng)` and `eval_transform(image, size, crops)` are the per-image transforms of
     `alexnet_jax.transforms.augment`; `image_sizes` says which crop sides the model takes.
-    (`convert.ARCHITECTURES` holds the same names' parameter layouts.)
+    (`models.variables.ARCHITECTURES` holds the same names' parameter layouts.)
     """
 
     name: str
@@ -49,10 +49,10 @@ class Arch:
     size_rule: str  # what `image_sizes` accepts, for error messages
     train_transform: Callable[[Image.Image, int, np.random.Generator], np.ndarray]
     eval_transform: Callable[[Image.Image, int, int], np.ndarray]
-    recipe: str  # "torchvision" or "paper" (see `train.RECIPES`)
+    recipe: str  # "torchvision" or "paper" (see `training.recipe.RECIPES`)
     batch_size: int  # default global batch, and the batch the base rate 0.01 is for (others scale it linearly)
     colour_pca: str  # default colour noise, one of COLOUR_PCA_CHOICES
-    conv_algorithms: tuple[str, ...]  # `model.CONV_ALGORITHMS` the model honours
+    conv_algorithms: tuple[str, ...]  # `models.layers.CONV_ALGORITHMS` the model honours
 
     def check_image_size(self, image_size: int) -> None:
         """**Raises:** ValueError when this architecture cannot take `image_size` x `image_size` crops."""

@@ -1,7 +1,7 @@
 """Keep freed host memory for reuse, so that XLA's CPU programs stop re-faulting their scratch.
 
 An explicit, process-wide choice: `import alexnet_jax` never makes it. The project's entry
-scripts (examples/, convert/, benchmarks/) call `keep_freed_memory()` first thing; a
+points (the `alexnet-jax` command, examples/, convert/, benchmarks/) call `keep_freed_memory()` first thing; a
 library user who wants it calls it at the top of their own script, or sets the same
 three settings from outside the process:
 
@@ -9,8 +9,8 @@ three settings from outside the process:
 
 Why: XLA:CPU gives every call of a compiled program one scratch ("temp") buffer and frees
 it when the call ends. glibc serves a block that large with a fresh `mmap` and hands it
-back with `munmap`, so every call page-faults and zeroes its scratch anew (the README's
-Performance section has the measurements). Three `mallopt` settings make glibc keep it:
+back with `munmap`, so every call page-faults and zeroes its scratch anew (docs/performance.md;
+benchmarks/RESULTS.md has the measurements). Three `mallopt` settings make glibc keep it:
 
 - M_ARENA_MAX = 1: XLA's worker threads allocate from the main arena. A thread's own
   arena is made of 64 MiB heaps, and glibc maps anything larger afresh whatever the

@@ -4,7 +4,7 @@
     state = parallel.put_state(state)                       # replicated on every device
     state, metrics = parallel.step(state, parallel.put_batch(local_batch))
 
-Both paths run `train.apply_step`, so the math is written once:
+Both paths run `alexnet_jax.steps.apply_step`, so the math is written once:
 
 - "pmap": state replicated (`in_axes=None`, `out_axes=None`: the outputs are already
   identical on every device, so nothing is indexed to unreplicate them), the batch
@@ -50,7 +50,7 @@ INIT_TIMEOUT_S = 120
 # jaxlib aborts (SIGABRT) when its own initialization timeout passes; ours fires this much
 # earlier, so the process ends with one line and status 1 instead.
 _ABORT_MARGIN_S = 5
-# Seconds a peer may be silent before the others end the run (one line, exit 1; peers.py).
+# Seconds a peer may be silent before the others end the run (one line, exit 1; distributed.peers).
 PEER_TIMEOUT_S = 30
 # jaxlib's own heartbeat timeout is only a backstop (it ends processes by SIGABRT): longer than ours.
 _JAXLIB_HEARTBEAT_MARGIN_S = 30
@@ -85,7 +85,7 @@ def initialize_distributed(
     Once joined, a peer that dies or freezes ends this process with one line and status 1
     within `peer_timeout_s` (or at once, when a collective notices first), including
     process 0: it serves the coordination service from a child process that outlives it
-    long enough (`peers.py` says why). Process-wide on purpose: this starts a thread,
+    long enough (`distributed.peers` says why). Process-wide on purpose: this starts a thread,
     and in process 0 that child, and registers an exit hook that ends both after JAX's
     shutdown barrier.
     **Raises:** ValueError for a malformed address or a process id out of range;
@@ -232,7 +232,7 @@ def leave_run(status: int) -> int:
     peers wait for this process in their next collective, and the run hangs. Leaving
     now closes this process's connections, so that collective fails in every peer and
     each ends with one line. Safe for process 0 too: the coordinator lives on in its own
-    process for the others (`peers.py`). Not for a stop request, which every process
+    process for the others (`distributed.peers`). Not for a stop request, which every process
     meets at the same step and leaves through the normal exit.
     """
     if jax.process_count() > 1:

@@ -145,7 +145,7 @@ def predict_logits(
     centre crop for "2012") or a float array (N, H, W, 3) that is already preprocessed;
     dtype, the compute dtype (`jnp.bfloat16` computes in bfloat16 with the float32
     parameters cast at each layer); arch, a key of `archs.ARCHS` (None: the one the
-    variables are for, `convert.variables_architecture`); crops, 1 or 10 (the
+    variables are for, `alexnet_jax.variables_architecture`); crops, 1 or 10 (the
     softmax averaged over TenCrop's crops; preprocessed input is then (N, 10, H, W, 3)).
     **Returns:** float32 array (N, num_classes); with crops=10 the log of the averaged
     softmax (`steps.crop_averaged_logits`), whose softmax is that average.

@@ -86,7 +86,7 @@ def sample_images() -> list[tuple[str, Image.Image]]:
 
 
 def jax_logits(variables: Mapping[str, Any], x_nhwc: np.ndarray, num_classes: int | None = None) -> np.ndarray:
-    """Flax logits of the model `variables` are for (`convert.model_for`), at full float32 matmul precision.
+    """Flax logits of the model `variables` are for (`alexnet_jax.model_for`), at full float32 matmul precision.
 
     (GPU/TPU default to less.) `num_classes`, if given, must be the variables' head size.
     """
@@ -100,7 +100,7 @@ def jax_logits(variables: Mapping[str, Any], x_nhwc: np.ndarray, num_classes: in
 def torch_logits(
     state_dict: Mapping[str, Any], x_nhwc: np.ndarray, num_classes: int, architecture: str = "torchvision"
 ) -> tuple[np.ndarray, str]:
-    """Logits of the torch reference of `architecture` (see `reference.py`). **Returns:** (logits, description).
+    """Logits of the torch reference of `architecture` (`weights.reference`). **Returns:** (logits, description).
 
     The 2012 reference normalizes with the paper's LRN constants, `AlexNet2012`'s defaults.
     """
@@ -130,7 +130,7 @@ def verify(
 ) -> ParityReport:
     """Run the torch reference on `state_dict` and the Flax model on `variables` over `images`.
 
-    Either architecture (`convert.variables_architecture`); the state_dict must be of the same one.
+    Either architecture (`alexnet_jax.variables_architecture`); the state_dict must be of the same one.
     **Arguments:** state_dict in the torch layout's names (torch tensors or numpy, no
     `module.` prefix); variables as `torch_to_flax` returns them; images default to
     the shipped sample photos, preprocessed by `verify_images`.

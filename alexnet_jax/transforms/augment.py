@@ -5,7 +5,7 @@
     x = IMAGENET_PCA.apply(x, rng)                          # + the paper's PCA colour noise
     xs = paper_eval_transform(image, 227, crops=10)         # (10, 227, 227, 3), TenCrop's order
 
-Every function takes a PIL image of any mode (see `preprocess.to_model_mode`) and
+Every function takes a PIL image of any mode (see `transforms.preprocess.to_model_mode`) and
 returns float32 NHWC arrays normalized as `alexnet_jax.transforms.preprocess` does, so both
 architectures see inputs on the same scale. Needs only numpy and Pillow: the data
 pipeline (`alexnet_jax.training.pipeline`) and `predict` both use it.

@@ -192,7 +192,7 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Flax variables of either architecture -> the torch state_dict of numpy arrays.
 
     `torchvision.models.AlexNet(num_classes).load_state_dict({k: torch.from_numpy(v)})`
-    accepts a "torchvision" result, `reference.AlexNet2012` a "2012" one.
+    accepts a "torchvision" result, `weights.reference.torch_alexnet2012_class()` a "2012" one.
     **Raises:** ConversionError as `check_variables` does.
     """
     arch, num_classes = match_variables(variables, None)

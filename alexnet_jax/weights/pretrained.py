@@ -7,7 +7,7 @@
 
 Sources: a `WeightsRecord` (or its name, "IMAGENET1K_V1"), fetched through torch hub's
 cache with its hash checked and converted on the fly (needs torch: the `convert`
-extra); a variables file written by `save_variables` or `convert/torch_to_flax.py`
+extra); a variables file written by `save_variables` or `alexnet-jax convert`
 (`.msgpack`, or `.safetensors` with our names); or torchvision weights in a file
 (`.pth`/`.pt`, or `.safetensors` with torchvision's names), converted on the fly.
 Files of the 2012 paper's layout give an `AlexNet2012`, torchvision's an `AlexNet`.

@@ -7,7 +7,7 @@ missing or broken. Both load the same state_dict strictly; the tests check that
 the copy and the real class give identical logits.
 
 The 2012 paper's layout: `torch_alexnet2012_class`, written from the paper (section 3,
-figure 2) in plain torch modules, is the layout `convert.py` reads and writes for
+figure 2) in plain torch modules, is the layout `weights.convert` reads and writes for
 `AlexNet2012`. Its `nn.LocalResponseNorm` takes torch's alpha, which torch divides by
 the window size: the paper's alpha 1e-4 is `lrn_alpha=5e-4` here (`torch_alexnet2012`
 converts).

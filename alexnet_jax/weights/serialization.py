@@ -74,7 +74,7 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any]) -> Pat
 
 
 def load_variables(path: str | os.PathLike, *, device: bool = True) -> dict[str, Any]:
-    """Read variables written by `save_variables` (or `convert/torch_to_flax.py`).
+    """Read variables written by `save_variables` (or `alexnet-jax convert`).
 
     **Returns:** `{"params": ...}`, placed on JAX's default device (`device=False`:
     numpy arrays on the host). Device arrays matter for speed: a jitted apply given
