@@ -15,6 +15,8 @@ name table: each entry a module of this package whose docstring's first line is 
     run(args) -> int            the work; the exit status
     configure_process()         the process-wide settings it makes when it runs as a program
 
+A new subcommand (`pack`, `export`) is one more such module and one more line in the table.
+
 Importing this package changes nothing process-wide: `main` makes the chosen subcommand's
 settings (`configure_process`), `run` leaves the process as it is (for tests and programs
 that embed a subcommand).
@@ -29,15 +31,13 @@ from collections.abc import Sequence
 from alexnet_jax.cli import classify, convert, lpips, train
 
 PROG = "alexnet-jax"
+DESCRIPTION = "torchvision's AlexNet and the 2012 paper's in JAX/Flax: convert weights, classify, LPIPS, train."
 SUBCOMMANDS: dict[str, types.ModuleType] = {
     "convert": convert,
     "classify": classify,
     "lpips": lpips,
     "train": train,
 }
-
-
-DESCRIPTION = "torchvision's AlexNet and the 2012 paper's in JAX/Flax: convert weights, classify, LPIPS, train."
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

@@ -115,7 +115,7 @@ def _image_files(folder: Path) -> list[str]:
 
 def check_image_size(image_size: int, arch: Arch = ARCHS["torchvision"]) -> None:
     """**Raises:** DataError when the architecture `arch` cannot take `image_size` x `image_size` inputs."""
-    if not isinstance(arch, Arch):  # a name, as before 0.2
+    if not isinstance(arch, Arch):  # a name, which it took before: say what replaced it
         raise TypeError(f"arch takes an Arch record (alexnet_jax.archs.get_arch({arch!r})), not a name")
     try:
         arch.check_image_size(image_size)
