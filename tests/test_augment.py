@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from alexnet_jax.archs import ARCHS
 from alexnet_jax.training.pipeline import colour_pca_from_folder, eval_batches, image_folder, train_batches
 from alexnet_jax.transforms.augment import (
     IMAGENET_PCA,
@@ -115,11 +116,11 @@ def test_paper_train_crops_cover_the_square_and_mirror(photos):
 
 
 def test_paper_batches_crop_flip_add_noise_and_ten_crop(folder):
-    data = image_folder(folder)
-    plain = next(iter(train_batches(data, batch_size=2, image_size=227, seed=0, num_steps=1, arch="2012")))
+    data, paper = image_folder(folder), ARCHS["2012"]
+    plain = next(iter(train_batches(data, batch_size=2, image_size=227, seed=0, num_steps=1, arch=paper)))
     noisy = next(
         iter(
-            train_batches(data, batch_size=2, image_size=227, seed=0, num_steps=1, arch="2012", colour_pca=IMAGENET_PCA)
+            train_batches(data, batch_size=2, image_size=227, seed=0, num_steps=1, arch=paper, colour_pca=IMAGENET_PCA)
         )
     )
     assert plain["image"].shape == (2, 227, 227, 3)
@@ -127,7 +128,7 @@ def test_paper_batches_crop_flip_add_noise_and_ten_crop(folder):
     shift = (noisy["image"] - plain["image"]) * STD
     np.testing.assert_allclose(shift, np.broadcast_to(shift[:, :1, :1], shift.shape), rtol=0, atol=1e-5)
     assert not np.allclose(shift[0, 0, 0], shift[1, 0, 0])
-    evals = list(eval_batches(data, batch_size=4, image_size=227, arch="2012", crops=10))
+    evals = list(eval_batches(data, batch_size=4, image_size=227, arch=paper, crops=10))
     assert len(evals) == 1 and evals[0]["image"].shape == (4, 10, 227, 227, 3)
     np.testing.assert_array_equal(evals[0]["image"][0], paper_eval_transform(Image.open(data.samples[0][0]), 227, 10))
 

@@ -2,6 +2,7 @@
 
 - `config`: `TrainConfig`, every check of it, the defaults each architecture gives
 - `recipe`: torchvision's recipe and the paper's (`Plateau`)
+- `run`: a `TrainConfig` resolved once: `Arch`, model, optimizer, device layout, data (`resolve_run`)
 - `pipeline`: ImageFolder, each architecture's transforms in Grain workers, exact resume
 - `loop`: `train_and_evaluate`
 - `checkpoint`: Orbax checkpoints that survive kills, full disks and damage

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
+from typing import Any
 
-from alexnet_jax.archs import COLOUR_PCA_CHOICES, get_arch
-from alexnet_jax.distributed.parallel import check_parallel_mode
-from alexnet_jax.models.layers import check_conv_algorithm
+from alexnet_jax.archs import ARCHS, COLOUR_PCA_CHOICES, get_arch
+from alexnet_jax.distributed.parallel import MODES, check_parallel_mode
+from alexnet_jax.models.layers import CONV_ALGORITHMS, check_conv_algorithm
 from alexnet_jax.steps import BASE_LR, EPOCHS, LR_STEP_EPOCHS, scaled_lr
 from alexnet_jax.training.recipe import RECIPES, default_weight_decay
 from alexnet_jax.transforms.augment import EVAL_CROPS
@@ -40,6 +42,24 @@ def run_defining(config: TrainConfig) -> tuple[str, ...]:
     return RUN_DEFINING + (("val_data", "eval_crops") if config.recipe == "paper" else ())
 
 
+# Each field's command-line help travels with it: `alexnet-jax train` makes a flag of every
+# field (`alexnet_jax.cli.flags`), so a setting is defined once, here.
+def _setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: tuple = (),
+    cli_default: Any = dataclasses.MISSING,
+) -> Any:
+    """A TrainConfig field with its flag's `help` and `choices`; `cli_default` where the CLI's default differs."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices:
+        metadata["choices"] = choices
+    if cli_default is not dataclasses.MISSING:
+        metadata["cli_default"] = cli_default
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """One training run. None means the default of `arch` (`archs.ARCHS`) or of the recipe.
@@ -50,37 +70,84 @@ class TrainConfig:
     batch (256 or 128) to `batch_size`; `weight_decay=None` the recipe's.
     `colour_pca`: "imagenet" (the published eigen-decomposition), "folder" (computed
     from `data`, written to colour_pca.json) or "none". `eval_crops`: 1 (the centre) or
-    10 (softmax averaged over TenCrop's crops).
+    10 (softmax averaged over TenCrop's crops). Each field's `metadata["help"]` is its
+    flag's help in `alexnet-jax train`.
     """
 
-    data: str
-    val_data: str
-    epochs: int = EPOCHS
-    batch_size: int | None = None
-    lr: float | None = None
-    image_size: int | None = None
-    init_from: str | None = None
-    num_classes: int | None = None  # default: the number of class folders
-    seed: int = 0
-    recipe: str | None = None
-    arch: str = "torchvision"
-    colour_pca: str | None = None  # None: the arch's default (a None in config.json means that too)
-    eval_crops: int = 1
-    weight_decay: float | None = None
-    lr_step_epochs: int = LR_STEP_EPOCHS
-    patience: int = 1  # paper recipe: evaluations without a better val top-1 before lr /= 10
-    freeze_features: bool = False
-    workers: int = 0
-    save_every: int = 1000  # steps; 0 saves only at the end of each epoch
-    keep: int = 3
-    progress: bool = True
-    parallel: str = "none"  # "pmap" or "sharded" use every device; "sharded" also spans processes
-    micro_batches: int = 1  # gradient accumulation: each step sums the gradients of this many micro-batches
-    # AlexNet's conv_algorithm: XLA's convolution compiles in seconds; "auto" (the CLI's
-    # default) takes Winograd on a CPU, where steps are faster. Not run-defining: the algorithms
-    # compute the same function and differ in rounding only (a switch on resume is no longer
-    # bit-exact, nothing more).
-    conv_algorithm: str = "xla"
+    data: str = _setting(help="training ImageFolder root")
+    val_data: str = _setting(help="validation ImageFolder root (same class folders)")
+    epochs: int = _setting(EPOCHS, help="passes over --data")
+    batch_size: int | None = _setting(None, help="global batch (default: 256; 128 for --arch 2012)")
+    lr: float | None = _setting(None, help="learning rate (default 0.01 * batch-size / 256; / 128 for --arch 2012)")
+    image_size: int | None = _setting(
+        None, help="training and eval crop side (default 224, at least 63; 227 for --arch 2012, which takes 227-256)"
+    )
+    init_from: str | None = _setting(None, help="variables file to start from (e.g. converted torchvision weights)")
+    num_classes: int | None = _setting(
+        None,
+        help="outputs of the head (default: the number of class folders); "
+        "with --init-from a head of another size is replaced by a fresh one",
+    )
+    seed: int = _setting(0, help="fixes initialization, data order, augmentation, dropout")
+    recipe: str | None = _setting(
+        None,
+        choices=RECIPES,
+        help="torchvision: lr x0.1 every --lr-step-epochs, wd 1e-4; paper: lr /10 when val top-1 stops "
+        "improving, wd 5e-4, the paper's momentum rule (default: torchvision; paper for --arch 2012)",
+    )
+    arch: str = _setting(
+        "torchvision",
+        choices=tuple(ARCHS),
+        help="torchvision: torchvision's AlexNet and recipe; 2012: the paper's AlexNet (LRN, grouped convs), "
+        "its 256x256 images, random 227 crops + flips + PCA colour noise, and its recipe",
+    )
+    # None: the arch's default (a None in config.json means that too).
+    colour_pca: str | None = _setting(
+        None,
+        choices=COLOUR_PCA_CHOICES,
+        help="the paper's PCA colour noise: ImageNet's published eigenvalues and eigenvectors, ones computed "
+        "from --data (saved to colour_pca.json), or none (default: imagenet for --arch 2012, none otherwise)",
+    )
+    eval_crops: int = _setting(
+        1,
+        choices=EVAL_CROPS,
+        help="validation: the centre crop, or the softmax averaged over the 4 corners, the centre and their "
+        "mirrors (torchvision's TenCrop order; 10x the eval compute)",
+    )
+    weight_decay: float | None = _setting(None, help="default: the recipe's")
+    lr_step_epochs: int = _setting(LR_STEP_EPOCHS, help="torchvision recipe: epochs between the rate's drops")
+    patience: int = _setting(1, help="paper recipe: epochs without improvement")
+    freeze_features: bool = _setting(False, help="train only the classifier (fine-tuning)")
+    # The library decodes in threads by default: Grain's worker processes spawn, which needs
+    # `if __name__ == "__main__":` in the caller's script. The CLI is such a program, and a
+    # run is bound by decoding: worker processes on all but one core (at most 3; the step
+    # needs the last).
+    workers: int = _setting(
+        0,
+        help="image-decoding processes; 0 decodes in threads of this process",
+        cli_default=min(4, os.cpu_count() or 1) - 1,
+    )
+    save_every: int = _setting(1000, help="checkpoint every N steps, 0 for epoch ends only")
+    keep: int = _setting(3, help="checkpoints kept besides the best")
+    progress: bool = _setting(True, help="a progress bar")
+    parallel: str = _setting(
+        "none",
+        choices=MODES,
+        help="none: one device; pmap: jax.pmap over this machine's devices; "
+        "sharded: jit with the batch split over all devices of all processes",
+    )
+    micro_batches: int = _setting(1, help="gradient accumulation: split each step's batch into this many micro-batches")
+    # AlexNet's conv_algorithm. The library's default, XLA's convolution, compiles in seconds;
+    # the CLI's, "auto", takes Winograd on a CPU, where steps are faster: over a training run
+    # that pays for its ~10 s more compile. Not run-defining: the algorithms compute the same
+    # function and differ in rounding only (a switch on resume is no longer bit-exact, nothing more).
+    conv_algorithm: str = _setting(
+        "xla",
+        choices=CONV_ALGORITHMS,
+        help="auto: Winograd for conv2-5 on a CPU in float32, where it pays over a run (faster steps, "
+        "~10 s more to compile), XLA's convolution elsewhere; or force winograd / xla",
+        cli_default="auto",
+    )
 
     def validate(self) -> None:
         """**Raises:** ValueError naming the first field (as its CLI flag) that no run can use."""

@@ -1,8 +1,9 @@
-"""The training loop and its config: data, steps, evaluation, checkpoints, metrics, curves.
+"""The training loop: data, steps, evaluation, checkpoints, metrics, curves.
 
     last = train_and_evaluate(TrainConfig(data="train/", val_data="val/", epochs=10), "runs/a")
 
-Needs the `train` extra (Orbax, Grain, matplotlib). The pure steps it runs are in
+Needs the `train` extra (Orbax, Grain, matplotlib). The config is resolved once, by
+`alexnet_jax.training.run.resolve_run`, into what the loop runs; the pure steps are in
 `alexnet_jax.steps`, their placement on devices in `alexnet_jax.distributed.parallel`.
 """
 
@@ -18,12 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 from tqdm import tqdm
 
-from alexnet_jax.archs import get_arch
-from alexnet_jax.distributed.parallel import make_parallel, over_processes, sum_over_processes
+from alexnet_jax.distributed.parallel import over_processes, sum_over_processes
 from alexnet_jax.files import atomic_write_bytes, check_writable_folder
 from alexnet_jax.models.alexnet import replace_head
 from alexnet_jax.models.variables import check_variables
@@ -33,22 +32,15 @@ from alexnet_jax.steps import (
     current_learning_rate,
     eval_step,
     init_params,
-    make_optimizer,
     set_learning_rate,
     summarize_eval,
 )
 from alexnet_jax.training.checkpoint import Checkpoints
 from alexnet_jax.training.config import TrainConfig
 from alexnet_jax.training.metrics import CURVES_FILE, METRICS_FILE, plot_curves, truncate_metrics
-from alexnet_jax.training.pipeline import (
-    ImageFolder,
-    colour_pca_from_folder,
-    eval_batches,
-    image_folder,
-    steps_per_epoch,
-    train_batches,
-)
-from alexnet_jax.training.recipe import RECIPE_RULES, Plateau, lr_for_recipe
+from alexnet_jax.training.pipeline import eval_batches, train_batches
+from alexnet_jax.training.recipe import Plateau
+from alexnet_jax.training.run import Run, colour_pca_values, resolve_run
 from alexnet_jax.training.shutdown import StopRequested, StopSignals
 from alexnet_jax.training.workdir import (
     CHECKPOINT_DIR,
@@ -57,7 +49,7 @@ from alexnet_jax.training.workdir import (
     own_workdir,
     prepare_workdir,
 )
-from alexnet_jax.transforms.augment import IMAGENET_PCA, ColourPCA
+from alexnet_jax.transforms.augment import ColourPCA
 from alexnet_jax.weights.serialization import load_variables, save_variables
 
 
@@ -65,12 +57,13 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
 
 
-def _initial_params(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
+def _initial_params(run: Run) -> dict[str, Any]:
+    config = run.config
     if config.init_from is None:
-        return init_params(model, seed=config.seed, image_size=get_arch(config.arch).init_size)
+        return init_params(run.model, seed=config.seed, image_size=run.arch.init_size)
     params = load_variables(config.init_from, device=False)["params"]
     # Weights of the other architecture would fail deep inside the first step: say so here.
-    check_variables(params, config.arch)
+    check_variables(params, run.arch.name)
     if params["classifier_6"]["kernel"].shape[1] != config.num_classes:
         # Fine-tuning: keep the body, draw a new head for this data set's classes.
         params = replace_head(params, config.num_classes, seed=config.seed)
@@ -121,29 +114,13 @@ def train_and_evaluate(
     OSError (a workdir that cannot be written), CheckpointError (a failed save, no intact
     checkpoint), ValueError (config), NonFiniteLossError, StopRequested.
     """
-    config.validate()
-    config = config.with_arch_defaults()
-    # Before any data or weights are read: a batch that does not split is a usage error.
-    parallel = make_parallel(config.parallel, global_batch=config.batch_size, micro_steps=config.micro_batches)
-    train_data = image_folder(config.data)
-    val_data = image_folder(config.val_data, classes=train_data.classes)
-    config = config.resolved(len(train_data.classes))
-    if config.num_classes < len(train_data.classes):
-        raise ValueError(
-            f"num-classes {config.num_classes} is less than the {len(train_data.classes)} class folders "
-            f"in {config.data}"
-        )
-    per_epoch = steps_per_epoch(len(train_data), config.batch_size)
-    if per_epoch == 0:
-        raise ValueError(f"{config.data}: {len(train_data)} images is less than one batch of {config.batch_size}")
-
+    # Config, devices, data: every check that needs no workdir, before the workdir is touched.
+    run = resolve_run(config)
     workdir = check_writable_folder(workdir, "workdir")  # before hours of training, not after
     with own_workdir(workdir, overwrite and not resume), StopSignals() as stop:
-        checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, keep=config.keep)
+        checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, keep=run.config.keep)
         try:
-            last = _train(
-                config, workdir, checkpoints, parallel, train_data, val_data, per_epoch, resume, on_checkpoint, stop
-            )
+            last = _train(run, workdir, checkpoints, resume, on_checkpoint, stop)
         except BaseException:
             # Also when the workdir, the weights or a restore are refused. A failed save
             # was already raised; closing must not replace the error being raised.
@@ -154,21 +131,21 @@ def train_and_evaluate(
         return last
 
 
-def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epoch, resume, on_checkpoint, stop):
+def _train(
+    run: Run,
+    workdir: Path,
+    checkpoints: Checkpoints,
+    resume: bool,
+    on_checkpoint: Callable[[int], None] | None,
+    stop: StopSignals,
+) -> dict[str, Any]:
     """The loop of `train_and_evaluate`, once it owns the workdir and its checkpoint manager exists."""
+    config, parallel, per_epoch = run.config, run.parallel, run.steps_per_epoch
     primary, shard = jax.process_index() == 0, {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
-    total_steps = config.epochs * per_epoch
     prepare_workdir(workdir, config, resume, checkpoints.latest_step())
 
-    model = get_arch(config.arch).model(config.num_classes, config.conv_algorithm)
-    tx = make_optimizer(
-        lr_for_recipe(config.recipe, config.lr, per_epoch, step_epochs=config.lr_step_epochs),
-        weight_decay=config.weight_decay,
-        freeze_features=config.freeze_features,
-        rule=RECIPE_RULES[config.recipe],
-    )
-    colour_pca = _colour_pca(config, train_data, workdir, primary)
-    state = create_train_state(model, _initial_params(config, model), tx, seed=config.seed)
+    colour_pca = _colour_pca(run, workdir, primary)
+    state = create_train_state(run.model, _initial_params(run), run.tx, seed=config.seed)
     loop: dict[str, Any] = {
         "epoch_loss": 0.0,
         "epoch_top1": 0.0,
@@ -195,18 +172,18 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
 
     last: dict[str, Any] = {}
     bar = tqdm(
-        total=total_steps, initial=step, unit="step", disable=not (config.progress and primary), dynamic_ncols=True
+        total=run.total_steps, initial=step, unit="step", disable=not (config.progress and primary), dynamic_ncols=True
     )
     started, images = time.perf_counter(), 0
     batches = train_batches(
-        train_data,
+        run.train_data,
         batch_size=config.batch_size,
         image_size=config.image_size,
         seed=config.seed,
         start_step=step,
-        num_steps=total_steps,
+        num_steps=run.total_steps,
         workers=config.workers,
-        arch=config.arch,
+        arch=run.arch,
         colour_pca=colour_pca,
         **shard,
     )
@@ -248,11 +225,11 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
                 val = evaluate(
                     state,
                     eval_batches(
-                        val_data,
+                        run.val_data,
                         batch_size=config.batch_size,
                         image_size=config.image_size,
                         workers=config.workers,
-                        arch=config.arch,
+                        arch=run.arch,
                         crops=config.eval_crops,
                         **shard,
                     ),
@@ -299,15 +276,10 @@ def _train(config, workdir, checkpoints, parallel, train_data, val_data, per_epo
     return {**last, "final_variables": str(final)}
 
 
-def _colour_pca(config: TrainConfig, train_data: ImageFolder, workdir: Path, primary: bool) -> ColourPCA | None:
+def _colour_pca(run: Run, workdir: Path, primary: bool) -> ColourPCA | None:
     """The run's colour noise; one computed from the folder is written to colour_pca.json."""
-    choice = config.colour_pca or get_arch(config.arch).colour_pca
-    if choice == "none":
-        return None
-    if choice == "imagenet":
-        return IMAGENET_PCA
     # Deterministic in (folder, seed): a resumed run computes the same numbers again.
-    pca = colour_pca_from_folder(train_data, seed=config.seed, progress=config.progress and primary)
-    if primary:
+    pca = colour_pca_values(run, progress=run.config.progress and primary)
+    if run.colour_pca == "folder" and primary:
         atomic_write_bytes(workdir / COLOUR_PCA_FILE, (json.dumps(dataclasses.asdict(pca), indent=2) + "\n").encode())
     return pca

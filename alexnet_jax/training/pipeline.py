@@ -27,7 +27,7 @@ import gc
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grain
@@ -36,7 +36,7 @@ from absl import flags
 from PIL import Image
 from tqdm import tqdm
 
-from alexnet_jax.archs import get_arch
+from alexnet_jax.archs import ARCHS, Arch
 from alexnet_jax.training.shutdown import worker_init
 
 # torchvision's transforms (train_transform, eval_transform, ...) lived here before `augment.py`;
@@ -113,10 +113,12 @@ def _image_files(folder: Path) -> list[str]:
     return [str(path) for path in walk.images]
 
 
-def check_image_size(image_size: int, arch: str = "torchvision") -> None:
+def check_image_size(image_size: int, arch: Arch = ARCHS["torchvision"]) -> None:
     """**Raises:** DataError when the architecture `arch` cannot take `image_size` x `image_size` inputs."""
+    if not isinstance(arch, Arch):  # a name, which it took before: say what replaced it
+        raise TypeError(f"arch takes an Arch record (alexnet_jax.archs.get_arch({arch!r})), not a name")
     try:
-        get_arch(arch).check_image_size(image_size)
+        arch.check_image_size(image_size)
     except ValueError as e:
         raise DataError(str(e)) from None
 
@@ -150,17 +152,22 @@ def _read(path: str) -> Image.Image | None:
 
 @dataclasses.dataclass(frozen=True)
 class _BatchLoader:
-    """Batch index -> batch dict. Picklable, so Grain can run it in worker processes."""
+    """Batch index -> batch dict. Picklable, so Grain can run it in worker processes.
+
+    `transform` is an architecture's `train_transform(image, size, rng)` when `train`, else its
+    `eval_transform(image, size, crops)`: module-level functions, which pickle by name (an
+    `Arch` record holds lambdas, which do not).
+    """
 
     samples: tuple[tuple[str, int], ...]
     image_size: int
     batch_size: int  # per process
     train: bool
+    transform: Callable[..., np.ndarray]
     seed: int = 0
     steps_per_epoch: int = 0
     shard_index: int = 0
     shard_count: int = 1
-    arch: str = "torchvision"  # a key of archs.ARCHS: whose transforms
     crops: int = 1  # eval only: 1 or 10 crops per image
     colour_pca: ColourPCA | None = None  # train only: the paper's colour noise, after the crop and flip
 
@@ -178,7 +185,7 @@ class _BatchLoader:
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         epoch, indices = self._positions(int(step))
-        size, arch = self.image_size, get_arch(self.arch)
+        size = self.image_size
         crops = () if self.train or self.crops == 1 else (self.crops,)
         images = np.zeros((len(indices), *crops, size, size, 3), np.float32)
         labels = np.zeros(len(indices), np.int32)
@@ -195,11 +202,11 @@ class _BatchLoader:
                     raise ImageReadError("unreadable")
                 if self.train:
                     rng = np.random.default_rng([self.seed, _AUGMENT, epoch, first + j])
-                    images[j] = arch.train_transform(image, size, rng)
+                    images[j] = self.transform(image, size, rng)
                     if self.colour_pca is not None:
                         images[j] = self.colour_pca.apply(images[j], rng)
                 else:
-                    images[j] = arch.eval_transform(image, size, self.crops)
+                    images[j] = self.transform(image, size, self.crops)
             except (ImageReadError, OSError, ValueError) as e:
                 # A decoded image that PIL cannot convert or resize (a truncated tail read
                 # lazily, say) is skipped like an unreadable one; `_read` warned for those.
@@ -281,7 +288,7 @@ def train_batches(
     workers: int = 0,
     shard_index: int = 0,
     shard_count: int = 1,
-    arch: str = "torchvision",
+    arch: Arch = ARCHS["torchvision"],
     colour_pca: ColourPCA | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Training batches for steps `start_step` .. `num_steps - 1`, across epochs.
@@ -289,7 +296,7 @@ def train_batches(
     `batch_size` is the global batch; with `shard_count` processes, process
     `shard_index` gets its contiguous 1/shard_count part of every global batch (the
     hook for multi-host training). `workers` > 0 decodes in that many processes.
-    `arch` picks the transforms (`archs.ARCHS`); `colour_pca` adds its noise to every
+    `arch` (an `archs.ARCHS` record) gives the transforms; `colour_pca` adds its noise to every
     image (drawn after the crop and flip, from the same per-example generator).
     **Yields:** {"image": float32 (B, S, S, 3), "label": int32 (B,), "mask": float32
     (B,), "skipped": int32 ()} with B = batch_size // shard_count.
@@ -305,11 +312,11 @@ def train_batches(
         image_size,
         batch_size // shard_count,
         True,
+        arch.train_transform,
         seed,
         per_epoch,
         shard_index,
         shard_count,
-        arch=arch,
         colour_pca=colour_pca,
     )
     return _iterate(loader, start_step, num_steps, workers)
@@ -323,7 +330,7 @@ def eval_batches(
     workers: int = 0,
     shard_index: int = 0,
     shard_count: int = 1,
-    arch: str = "torchvision",
+    arch: Arch = ARCHS["torchvision"],
     crops: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every image of `folder` once, in folder order, with `arch`'s eval transform; the last batch is padded (mask 0).
@@ -335,6 +342,13 @@ def eval_batches(
     if batch_size % shard_count:
         raise DataError(f"batch size {batch_size} does not split over {shard_count} processes")
     loader = _BatchLoader(
-        folder.samples, image_size, batch_size // shard_count, False, 0, 0, shard_index, shard_count, arch, crops
+        folder.samples,
+        image_size,
+        batch_size // shard_count,
+        False,
+        arch.eval_transform,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        crops=crops,
     )
     return _iterate(loader, 0, math.ceil(len(folder) / batch_size), workers)
