@@ -16,7 +16,6 @@ first). Exit codes: 0 ok, 1 bad input, unwritable output or unavailable weights,
 from __future__ import annotations
 
 import argparse
-import hashlib
 import signal
 import sys
 from pathlib import Path
@@ -78,17 +77,9 @@ def configure_process() -> None:
     interrupt_on_signals()  # SIGTERM mid-write: the temporary file is removed, one line, exit 143
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _describe_source(path: Path, record: WeightsRecord) -> str:
     # Only a file whose own hash matches torchvision's record is called pretrained.
-    if _sha256(path).startswith(record.sha256_prefix):
+    if record.is_file_of(path):
         return (
             f"torchvision {record.name} ImageNet weights ({path}, sha256 {record.sha256_prefix}…, acc@1 {record.acc1})"
         )

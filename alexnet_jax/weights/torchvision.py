@@ -50,6 +50,14 @@ class WeightsRecord:
     def file_name(self) -> str:
         return url_file_name(self.url)
 
+    def is_file_of(self, path: str | os.PathLike) -> bool:
+        """Whether the file at `path` is these weights: its own sha256 starts with the record's prefix."""
+        digest = hashlib.sha256()
+        with Path(path).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest().startswith(self.sha256_prefix)
+
 
 # torchvision.models.AlexNet_Weights.IMAGENET1K_V1
 IMAGENET1K_V1 = WeightsRecord(
