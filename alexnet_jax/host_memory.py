@@ -72,7 +72,7 @@ def keep_freed_memory() -> str:
         warnings.warn(
             "keep_freed_memory() came after JAX started its CPU backend, so XLA's threads keep "
             "glibc's default arenas and CPU programs may re-fault their scratch memory on every call "
-            "(AlexNet ~20% slower); call it before running JAX code",
+            "(slower steps); call it before running JAX code",
             RuntimeWarning,
             stacklevel=2,
         )

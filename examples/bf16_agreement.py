@@ -7,7 +7,7 @@ Images: the four photos shipped in alexnet_jax/assets/samples, plus any files an
 given. Without --weights, the weights are torchvision's random initialization under
 --seed (torch's default init, as `torchvision.models.alexnet()` makes them): their
 logits are nearly flat, so top-1 there is decided by tiny margins and agreement is a
-pessimistic stand-in for the trained weights, which are what the README should quote.
+pessimistic stand-in for the trained weights.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from alexnet_jax.inference.pictures import save_conv1_filters
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", required=True, type=Path, help="variables file from convert/torch_to_flax.py")
+    parser.add_argument("--weights", required=True, type=Path, help="variables file from alexnet-jax convert")
     parser.add_argument(
         "--output", type=Path, default=Path("conv1_filters.png"), help="PNG to write (default %(default)s)"
     )

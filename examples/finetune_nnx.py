@@ -69,7 +69,7 @@ def batches(n: int, batch_size: int, seed: int):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     start = parser.add_mutually_exclusive_group(required=True)
-    start.add_argument("--weights", type=Path, help="variables file to start from (convert/torch_to_flax.py's output)")
+    start.add_argument("--weights", type=Path, help="variables file to start from (alexnet-jax convert's output)")
     start.add_argument("--random-init", action="store_true", help="start from freshly initialized weights")
     parser.add_argument("--steps", type=int, default=300, help="default %(default)s")
     parser.add_argument("--batch-size", type=int, default=64, help="default %(default)s")
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rngs = nnx.Rngs(params=args.seed, dropout=args.seed)
     if variables is None:
-        # Jitted: drawing the 61M numbers op by op takes ~1.7x as long (7.8 s vs 4.5 s on 2 cores).
+        # Jitted: drawing the 61M numbers op by op is slower (benchmarks/RESULTS.md).
         model = nnx.jit(lambda rngs: AlexNet(NUM_CLASSES, conv_algorithm=args.conv_algorithm, rngs=rngs))(rngs)
     else:
         model = AlexNet.from_variables(variables, conv_algorithm=args.conv_algorithm, rngs=rngs)

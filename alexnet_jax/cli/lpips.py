@@ -45,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="pairs per call (default %(default)s)"
     )
-    parser.add_argument("--bf16", action="store_true", help="run the AlexNet trunk in bfloat16 (distances within ~1%%)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="run the AlexNet trunk in bfloat16 (float32 normalization and weighting)"
+    )
 
 
 def check(args: argparse.Namespace) -> None:

@@ -139,13 +139,13 @@ class TrainConfig:
     micro_batches: int = _setting(1, help="gradient accumulation: split each step's batch into this many micro-batches")
     # AlexNet's conv_algorithm. The library's default, XLA's convolution, compiles in seconds;
     # the CLI's, "auto", takes Winograd on a CPU, where steps are faster: over a training run
-    # that pays for its ~10 s more compile. Not run-defining: the algorithms compute the same
+    # that repays its longer compile. Not run-defining: the algorithms compute the same
     # function and differ in rounding only (a switch on resume is no longer bit-exact, nothing more).
     conv_algorithm: str = _setting(
         "xla",
         choices=CONV_ALGORITHMS,
         help="auto: Winograd for conv2-5 on a CPU in float32, where it pays over a run (faster steps, "
-        "~10 s more to compile), XLA's convolution elsewhere; or force winograd / xla",
+        "seconds more to compile), XLA's convolution elsewhere; or force winograd / xla",
         cli_default="auto",
     )
 

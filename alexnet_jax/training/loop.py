@@ -71,7 +71,7 @@ def _initial_params(run: Run) -> dict[str, Any]:
 
 
 def evaluate(state: TrainState, batches, put: Callable[[dict], dict] = dict) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 over `batches` (from `data.eval_batches`), plus the count of skipped files.
+    """Mean loss, top-1 and top-5 over `batches` (from `pipeline.eval_batches`), plus the count of skipped files.
 
     `put` places each batch for the state's devices (`Parallel.put_eval_batch`).
     """

@@ -38,9 +38,6 @@ from tqdm import tqdm
 
 from alexnet_jax.archs import ARCHS, Arch
 from alexnet_jax.training.shutdown import worker_init
-
-# torchvision's transforms (train_transform, eval_transform, ...) lived here before `augment.py`;
-# they stay importable from here.
 from alexnet_jax.transforms.augment import (
     ColourPCA,
     colour_pca_from_moments,
