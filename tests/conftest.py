@@ -145,3 +145,12 @@ def colour_data(tmp_path_factory):
 
     return make
 
+
+def pytest_collection_modifyitems(config, items):
+    """A test that reaches torchvision through the fixtures must carry the torch marker (`-m "not torch"`
+    would otherwise run it); refused here, at collection, with the tests named."""
+    unmarked = [
+        item.nodeid for item in items if "torchvision" in item.fixturenames and not item.get_closest_marker("torch")
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"mark torch, as they use the torchvision fixture: {', '.join(unmarked)}")

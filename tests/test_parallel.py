@@ -15,7 +15,10 @@ import time
 
 import pytest
 
-from helpers import REPO, json_from_script_on_devices
+from helpers import REPO, json_from_script_on_devices, relative_difference
+
+# Every test reads the one 4-device child, which trains AlexNet in five layouts.
+pytestmark = pytest.mark.slow
 
 DEVICES = 4
 STEPS = 2  # the second step reads the momentum of the first
@@ -42,15 +45,6 @@ def _batches(n: int = STEPS):
             }
         )
     return out
-
-
-def _relative_difference(a, b) -> float:
-    """The largest |a - b| over each tensor's largest |b|, over all tensors."""
-    import jax
-    import numpy as np
-
-    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y)) / np.max(np.abs(y))), a, b)
-    return max(jax.tree.leaves(diffs))
 
 
 def _child() -> dict:
@@ -82,7 +76,7 @@ def _child() -> dict:
         return jax.device_get(state.params), losses, str(jax.tree.leaves(state.params)[0].sharding)
 
     reference, ref_losses, _ = run("none")
-    out = {"moved": _relative_difference(start, reference), "variants": {}}
+    out = {"moved": relative_difference(start, reference), "variants": {}}
     # pmap with micro-batches runs the same split as the two others; left out to keep the test short.
     for name, mode, micro in (
         ("pmap", "pmap", 1),
@@ -92,7 +86,7 @@ def _child() -> dict:
     ):
         params, losses, sharding = run(mode, micro)
         out["variants"][name] = {
-            "params": _relative_difference(params, reference),
+            "params": relative_difference(params, reference),
             "loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
             "sharding": sharding,
         }
@@ -128,12 +122,12 @@ def _explicit_mesh(params, x) -> dict:
             sharded = jax.jit(model.apply)(vs, xs)
             sharded_grads = jax.jit(grad)(vs, xs) if with_grads else None
         out[algorithm] = {
-            "logits": _relative_difference(jax.device_get(sharded), jax.device_get(logits)),
+            "logits": relative_difference(jax.device_get(sharded), jax.device_get(logits)),
             "spec": list(sharded.sharding.spec),
         }
         if with_grads:
             grads = jax.jit(grad)(variables, x)
-            out[algorithm]["grads"] = _relative_difference(jax.device_get(sharded_grads), jax.device_get(grads))
+            out[algorithm]["grads"] = relative_difference(jax.device_get(sharded_grads), jax.device_get(grads))
     return out
 
 
