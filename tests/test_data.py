@@ -121,6 +121,7 @@ def _batches(folder, **kw):
     return list(train_batches(image_folder(folder), **{**defaults, **kw}))
 
 
+@pytest.mark.slow  # a Grain worker process: the fast loop reads in threads only
 def test_order_is_fixed_by_seed_and_step_with_or_without_workers(folder):
     base = _batches(folder)
     assert len(base) == 6 and base[0]["image"].shape == (4, 64, 64, 3)

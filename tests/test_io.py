@@ -90,6 +90,17 @@ def test_loaded_variables_are_on_the_device_unless_asked(tmp_path, flax_variable
     assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(load_variables(path, device=False)))
 
 
+def test_load_model_builds_the_network_of_our_file(tmp_path, flax_variables):
+    """The fast loop's load_model: a file of ours to (AlexNet, device arrays); every other source is the next test's."""
+    from alexnet_jax import AlexNet, load_model
+
+    want = flax_variables()
+    model, variables = load_model(save_variables(tmp_path / "w.msgpack", want), conv_algorithm="winograd")
+    assert model == AlexNet(num_classes=1000, conv_algorithm="winograd")
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(variables))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), want)
+
+
 @pytest.mark.slow
 @pytest.mark.torch
 def test_load_model_from_every_kind_of_source(tmp_path, torchvision_state_dict, monkeypatch):
@@ -125,6 +136,7 @@ def test_load_model_from_every_kind_of_source(tmp_path, torchvision_state_dict, 
     assert (model.dtype, model.conv_algorithm, model.dropout_rate) == (jnp.bfloat16, "winograd", 0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_load_model_builds_the_2012_network_for_its_weights(tmp_path):
     import jax.numpy as jnp

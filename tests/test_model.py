@@ -168,6 +168,7 @@ def test_head_of_another_size_is_a_clear_error(flax_variables):
         AlexNet().apply(flax_variables(0, 10), jnp.zeros((1, 63, 63, 3)))
 
 
+@pytest.mark.slow  # the tiny fine-tuning and test_archs replace heads in the fast loop
 def test_replace_head_keeps_the_body_and_fits_the_new_size(variables):
     from alexnet_jax import replace_head
 
@@ -181,7 +182,8 @@ def test_replace_head_keeps_the_body_and_fits_the_new_size(variables):
         replace_head(variables, 0)
 
 
-@pytest.mark.parametrize("size", slow_after(1, [224, 64]))
+@pytest.mark.slow  # test_lpips and test_nnx run the trunk in the fast loop
+@pytest.mark.parametrize("size", [224, 64])
 def test_trunk_features_equal_the_sown_activations(variables, size):
     from alexnet_jax import trunk_features
 

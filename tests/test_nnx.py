@@ -196,6 +196,7 @@ def test_dropout_on_in_train_mode_only(flax_variables):
 
 
 @pytest.mark.torch
+@pytest.mark.slow  # the fast loop keeps NNX's logits, init and state checks
 def test_clear_errors(flax_variables, torchvision_state_dict):
     ten = torch_to_flax(torchvision_state_dict(0, num_classes=10))
     with pytest.raises(ValueError, match=r"10-class head \(classifier_6\) but num_classes=1000"):

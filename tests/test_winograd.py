@@ -74,7 +74,8 @@ def test_conv_is_xla_conv_in_float64(h, w, cin, cout, r, padding, tile):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * float(jnp.abs(want).max()))
 
 
-@pytest.mark.parametrize("h, w, cin, cout, r, padding, tile", slow_after(1, CASES[:4], unpack=True))
+@pytest.mark.slow  # the fast loop trains through Winograd (test_train_loop, conv_algorithm "auto")
+@pytest.mark.parametrize("h, w, cin, cout, r, padding, tile", CASES[:4])
 def test_conv_derivatives_are_xla_conv_derivatives(h, w, cin, cout, r, padding, tile):
     rng = np.random.default_rng(7)
     with jax.enable_x64(True):
