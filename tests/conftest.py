@@ -26,14 +26,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # test) never read an entry another one is still writing.
     os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 
-# The test session is an entry point, as the project's scripts are: glibc keeps freed host
-# memory (alexnet_jax.host_memory), so XLA's CPU programs stop page-faulting their scratch on
-# every call. Before JAX starts its backend; ALEXNET_JAX_KEEP_HOST_MEMORY=0 leaves malloc alone.
-# Child processes are not affected (the settings are this process's).
-from alexnet_jax.host_memory import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()
-
 # Parity must hold at full float32; GPU and TPU default to lower-precision matmuls.
 import jax  # noqa: E402
 

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -72,20 +72,6 @@ def json_from_script_on_devices(script: str | os.PathLike, devices: int) -> dict
     run = run_python([script], env={"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
-
-
-def device_child_main(child: Callable[[], dict]) -> None:
-    """The `__main__` of a test module that `json_from_script_on_devices` runs: `child()` as JSON on stdout.
-
-    The child is an entry point, as the project's scripts are: it keeps freed host memory
-    before JAX starts its backend (`alexnet_jax.host_memory`), so its programs do not
-    page-fault their scratch on every call.
-    """
-    sys.path.insert(0, str(REPO))
-    from alexnet_jax import keep_freed_memory
-
-    keep_freed_memory()
-    print(json.dumps(child()))
 
 
 def children(pid: int) -> list[int]:

@@ -9,12 +9,13 @@ in a different order (per device, then across devices), nothing else differs.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
 import pytest
 
-from helpers import device_child_main, json_from_script_on_devices, relative_difference
+from helpers import REPO, json_from_script_on_devices, relative_difference
 
 # Every test reads the one 4-device child, which trains AlexNet in five layouts.
 pytestmark = pytest.mark.slow
@@ -169,4 +170,5 @@ def test_each_device_gets_its_own_dropout_key(result):
 
 
 if __name__ == "__main__":
-    device_child_main(_child)
+    sys.path.insert(0, str(REPO))
+    print(json.dumps(_child()))
