@@ -162,6 +162,7 @@ def test_walk_follows_links_without_looping_and_reports_unreadable_folders(tmp_p
 
 
 @pytest.mark.torch
+@pytest.mark.slow  # test_cli_single_image runs classify in the fast loop
 def test_classify_files_in_order_with_errors(variables, folder):
     files = find_images([folder]).images
     results = list(classify_files(variables, files, batch_size=2))

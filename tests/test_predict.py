@@ -208,6 +208,7 @@ def test_empty_batch(variables):
     }
 
 
+@pytest.mark.slow  # float32 parity is the fast representative
 def test_bfloat16_compute(variables, images):
     float32 = predict_logits(variables, images, batch_size=4)
     bf16 = predict_logits(variables, images, batch_size=4, dtype=jnp.bfloat16)

@@ -93,6 +93,7 @@ def test_a_short_run_learns_and_writes_metrics_curves_and_weights(data, tmp_path
     assert load_variables(tmp_path / "final.msgpack")["params"]["classifier_6"]["kernel"].shape == (4096, 3)
 
 
+@pytest.mark.slow  # the fast loop keeps learning, fine-tuning and the workdir rules
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step (\d+) .*last good checkpoint is step"):
         train_and_evaluate(_config(data, lr=1e8, save_every=1), tmp_path)
@@ -267,6 +268,7 @@ def test_a_finished_run_is_kept_unless_overwrite_is_asked(data, tmp_path):
     assert Checkpoints(tmp_path / "checkpoints").all_steps() == [2]
 
 
+@pytest.mark.slow  # a holder process; test_workdir_with_checkpoints_... is the fast workdir test
 def test_a_workdir_is_owned_by_one_run_at_a_time(data, tmp_path):
     """A second run is refused before it writes anything, naming the holder; a SIGKILLed holder leaves no stale lock."""
     import socket
