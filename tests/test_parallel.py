@@ -2,7 +2,9 @@
 
 The rest of the suite runs on one device, so the 4-device work happens in one child
 process (this file run as a script with XLA_FLAGS forcing 4 host devices) that trains
-every variant on the same global batches and prints JSON; the tests read it.
+every variant on the same global batches and prints JSON; the tests read it. The
+variants train the tests' tiny network (`tiny_arch`): what is under test is how a step
+is spread over devices; AlexNet itself runs under explicit mesh axes.
 Tolerance 1e-5 of each tensor's largest value: the variants sum the same gradients
 in a different order (per device, then across devices), nothing else differs.
 """
@@ -17,7 +19,7 @@ import pytest
 
 from helpers import REPO, json_from_script_on_devices, relative_difference
 
-# Every test reads the one 4-device child, which trains AlexNet in five layouts.
+# Every test reads the one 4-device child, which trains in five layouts and runs AlexNet on a mesh.
 pytestmark = pytest.mark.slow
 
 DEVICES = 4
@@ -52,14 +54,15 @@ def _child() -> dict:
     import jax
     import numpy as np
 
-    from alexnet_jax import AlexNet
     from alexnet_jax.distributed.parallel import PMAP_AXIS, make_parallel
     from alexnet_jax.steps import create_train_state, dropout_key, init_params, make_optimizer
+
+    from tiny_arch import TinyAlexNet
 
     assert jax.device_count() == DEVICES, jax.devices()
     # Dropout off: the variants draw different masks. XLA's convolution: what is under test is
     # the step's distribution, and it compiles in a fraction of the Winograd layers' time.
-    model = AlexNet(num_classes=NUM_CLASSES, dropout_rate=0.0, conv_algorithm="xla")
+    model = TinyAlexNet(num_classes=NUM_CLASSES, dropout_rate=0.0, conv_algorithm="xla")
     start = jax.device_get(init_params(model, seed=0, image_size=SIZE))
     batches = _batches()
 
@@ -90,7 +93,7 @@ def _child() -> dict:
             "loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
             "sharding": sharding,
         }
-    out["explicit_mesh"] = _explicit_mesh(start, batches[0]["image"])
+    out["explicit_mesh"] = _explicit_mesh(batches[0]["image"])
     # pmap needs one mapped argument; the device index comes from the axis, not from it.
     keys = jax.pmap(lambda rng, _: dropout_key(rng, 3, PMAP_AXIS), axis_name=PMAP_AXIS, in_axes=(None, 0))(
         jax.random.PRNGKey(0), np.arange(DEVICES)
@@ -99,16 +102,17 @@ def _child() -> dict:
     return out
 
 
-def _explicit_mesh(params, x) -> dict:
-    """The model with the batch sharded over a `jax.make_mesh` mesh (explicit axes, JAX 0.10's default)."""
+def _explicit_mesh(x) -> dict:
+    """AlexNet with the batch sharded over a `jax.make_mesh` mesh (explicit axes, JAX 0.10's default)."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from alexnet_jax import AlexNet
+    from alexnet_jax.steps import init_params
 
     mesh = jax.make_mesh((DEVICES,), ("data",))
-    variables = {"params": params}
+    variables = {"params": jax.device_get(init_params(AlexNet(num_classes=NUM_CLASSES), seed=0, image_size=SIZE))}
     out = {"axis_types": str(mesh.axis_types)}
     # The default path forward and backward; Winograd forward only (its reshapes are what explicit
     # axes once refused, and each of its gradients costs ~10 s to compile).
