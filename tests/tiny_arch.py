@@ -24,7 +24,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -36,7 +36,8 @@ from alexnet_jax.models.layers import CONV_ALGORITHMS, POOL_OUTPUT, Conv, adapti
 from alexnet_jax.models.variables import ARCHITECTURES, Architecture
 from alexnet_jax.transforms.augment import eval_transform, train_transform
 
-from helpers import REPO
+if TYPE_CHECKING:
+    from alexnet_jax.training.config import TrainConfig
 
 NAME = "tiny"
 # (torchvision-style index, out channels, kernel, stride, padding); a max-pool follows each.
@@ -46,12 +47,13 @@ FC6 = 32
 # fc7 keeps AlexNet's width: `replace_head` draws a new head for a 4096-wide fc7 (fine-tuning tests use it).
 FC7 = HIDDEN
 # The training CLI; tests/train_tiny.py (helpers.TRAIN_TINY) runs it with this network registered.
-TRAIN_SCRIPT = REPO / "examples" / "train.py"
+# (Not helpers.REPO: this module is imported by those training processes, which need nothing of pytest's.)
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 
 
 def _conv_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-    # LeCun normal (Conv's default) drawn as a (k*k*in, out) matrix: the same fan-in, and XLA on a
-    # CPU compiles a 2-D draw in a fraction of a second where a 4-D one takes seconds.
+    # LeCun normal (Conv's default) drawn as a (k*k*in, out) matrix and reshaped: the same fan-in and
+    # the same numbers, and XLA on a CPU compiles a 2-D draw far faster than a 4-D one.
     return nn.initializers.lecun_normal()(key, (math.prod(shape[:-1]), shape[-1]), dtype).reshape(shape)
 
 
@@ -130,7 +132,7 @@ def register() -> None:
 
 @contextlib.contextmanager
 def registered() -> Iterator[str]:
-    """ "tiny" in the name tables for the duration; yields its name.
+    """Registers "tiny" for the duration of the block; yields its name.
 
     Taken out again at the end, so the rest of a one-process test session sees the package's
     two architectures alone (their error messages list the names; `archs.register_arch` has
@@ -143,7 +145,7 @@ def registered() -> Iterator[str]:
         del ARCHS[NAME], ARCHITECTURES[NAME]
 
 
-def tiny_config(data: tuple[Path, Path], **fields: Any):
+def tiny_config(data: tuple[Path, Path], **fields: Any) -> TrainConfig:
     """A `TrainConfig` for "tiny" on (train, val) folders: one epoch of batches of 8 at 64x64, quiet, XLA's
     convolution (these tests are about the loop; it compiles in a fraction of Winograd's time), saved at
     the epoch's end only, `fields` replacing any of that. At lr 0.01 the tiny network's 4096-wide fc7
@@ -158,7 +160,7 @@ def tiny_config(data: tuple[Path, Path], **fields: Any):
     )
 
 
-def train_flags(config, workdir: str | os.PathLike) -> list[str]:
+def train_flags(config: TrainConfig, workdir: str | os.PathLike) -> list[str]:
     """The training CLI's flags for a `tiny_config` and `workdir` (the fields it sets, and the workers)."""
     flags = ["--arch", config.arch, "--data", config.data, "--val-data", config.val_data, "--workdir", str(workdir)]
     for name in ("epochs", "batch_size", "lr", "image_size", "save_every", "keep", "workers", "conv_algorithm"):
