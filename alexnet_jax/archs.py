@@ -25,6 +25,7 @@ from alexnet_jax.models.alexnet import MIN_SIZE, AlexNet
 from alexnet_jax.models.alexnet2012 import INPUT_SIZE, AlexNet2012, stack_sizes
 from alexnet_jax.models.layers import CONV_ALGORITHMS
 from alexnet_jax.models.layers import POOL_OUTPUT as _POOL_OUTPUT
+from alexnet_jax.models.variables import ARCHITECTURES, Architecture
 from alexnet_jax.transforms.augment import eval_transform, paper_eval_transform, paper_train_transform, train_transform
 from alexnet_jax.transforms.preprocess import CROP_SIZE
 
@@ -108,3 +109,22 @@ def get_arch(name: str) -> Arch:
     if name not in ARCHS:
         raise ValueError(f"unknown arch {name!r}; expected one of {', '.join(ARCHS)}")
     return ARCHS[name]
+
+
+def register_arch(arch: Arch, layout: Architecture) -> None:
+    """Add one architecture to both name tables: `ARCHS` (training, prediction) and its parameter layout to
+    `models.variables.ARCHITECTURES` (what `check_variables`, `save_variables` and the converter check against).
+
+    For a network defined outside this package (the test suite registers a tiny one, so
+    orchestration tests do not train 61M parameters). Its module must name its layers as
+    AlexNet does (`features_<i>`, `classifier_1/4/6`): fine-tuning matches them by name. The
+    converter's `classifier.1` permutation reads a 256x6x6 map, so only layouts whose
+    classifier_1 reads one convert to and from torch.
+    **Raises:** ValueError when `arch.name` and `layout.name` differ or the name is taken in either table.
+    """
+    if arch.name != layout.name:
+        raise ValueError(f"arch {arch.name!r} and its layout {layout.name!r} must have the same name")
+    if arch.name in ARCHS or arch.name in ARCHITECTURES:
+        raise ValueError(f"arch {arch.name!r} is already registered; choose another name")
+    ARCHS[arch.name] = arch
+    ARCHITECTURES[arch.name] = layout

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real torchvision, seeded weights in its exact format, real photos."""
+"""Shared fixtures: the real torchvision, seeded weights in its exact format, real photos; the tiny test network
+and colour folders for the orchestration tests. Markers (pyproject.toml): slow, multiprocess, torch."""
 
 from __future__ import annotations
 
@@ -110,3 +111,46 @@ def flax_variables():
         return cache[seed, num_classes]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tests' tiny network registered as an architecture ("tiny") for the module's tests; yields the name.
+
+    Module-scoped, so a module's fixtures that train (a reference run shared by several tests)
+    can use it; taken out at the module's end (`tiny_arch.registered`).
+    """
+    from tiny_arch import registered
+
+    with registered() as name:
+        yield name
+
+
+@pytest.fixture(scope="session")
+def colour_data(tmp_path_factory):
+    """(train, val) ImageFolders of three colour classes (`helpers.colour_folder`, seeds 0 and 1), by images per
+    class: `colour_data(8, 3)` is 24 training and 9 validation images. Made once per session and size."""
+    from helpers import colour_folder
+
+    cache = {}
+
+    def make(train_per_class: int, val_per_class: int):
+        if (train_per_class, val_per_class) not in cache:
+            root = tmp_path_factory.mktemp(f"colours-{train_per_class}-{val_per_class}")
+            cache[train_per_class, val_per_class] = (
+                colour_folder(root / "train", train_per_class, 0),
+                colour_folder(root / "val", val_per_class, 1),
+            )
+        return cache[train_per_class, val_per_class]
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that reaches torchvision through the fixtures must carry the torch marker (`-m "not torch"`
+    would otherwise run it); refused here, at collection, with the tests named."""
+    unmarked = [
+        item.nodeid for item in items if "torchvision" in item.fixturenames and not item.get_closest_marker("torch")
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"mark torch, as they use the torchvision fixture: {', '.join(unmarked)}")

@@ -1,16 +1,30 @@
-"""What several test modules need: running Python the way a user does, in a fresh process; its child processes."""
+"""What several test modules need: Python in a fresh process, as a user runs it, and its child processes;
+two-process training runs; free ports, shared memory, small image folders, relative differences."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+# examples/train.py with the tests' tiny network registered (tiny_arch.py): what orchestration tests run.
+TRAIN_TINY = TESTS / "train_tiny.py"
+# One class per dominant colour: learnable in a few steps, by AlexNet and by the tiny network.
+COLOURS = ((220, 40, 40), (40, 200, 40), (40, 40, 220))
 
 
 def run_python(
@@ -36,6 +50,16 @@ def run_python(
         text=True,
         timeout=timeout,
     )
+
+
+@functools.cache
+def load_script(path: str | os.PathLike) -> ModuleType:
+    """The script at `path` imported as a module named after its file (its main guard does not run); once per
+    session, so every test module that calls into a script shares one copy."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def json_from_script_on_devices(script: str | os.PathLike, devices: int) -> dict:
@@ -78,3 +102,110 @@ def gone(pids: list[int], within_s: float) -> bool:
         if not alive or time.monotonic() > deadline:
             return not alive
         time.sleep(0.2)
+
+
+def slow_after(n: int, values: Iterable, *, unpack: bool = False) -> list:
+    """Parameters for `pytest.mark.parametrize`: the first `n` of `values` as they are, the rest marked slow.
+
+    The fast loop (`-m "not slow"`) keeps a representative case, the full suite runs all.
+    `unpack`: each value is a tuple of several arguments (parametrize("a, b", ...)).
+    """
+    return [
+        value if i < n else pytest.param(*(value if unpack else (value,)), marks=pytest.mark.slow)
+        for i, value in enumerate(values)
+    ]
+
+
+def pythonpath_with_tests() -> dict[str, str]:
+    """{"PYTHONPATH": ...} with this folder first: for `python -c` children that import the test helpers."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, (str(TESTS), os.environ.get("PYTHONPATH"))))}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shared_memory(pids: Iterable[int]) -> set[str]:
+    """The /dev/shm entries (batches, semaphores) that `pids` have mapped or open, by name."""
+    names = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        for path in [line.split(None, 5)[-1] for line in maps if "/dev/shm/" in line] + fds:
+            if path.startswith("/dev/shm/"):
+                names.add(path.removeprefix("/dev/shm/").removesuffix(" (deleted)"))
+    return names
+
+
+def colour_folder(
+    root: Path,
+    per_class: int,
+    seed: int,
+    *,
+    colours: Sequence[tuple[int, int, int]] = COLOURS,
+    shape: tuple[int, int] = (64, 64),
+    noise: float = 40,
+) -> Path:
+    """An ImageFolder at `root`: class_<i>/<j>.png, `per_class` noisy images of each colour; returns `root`."""
+    rng = np.random.default_rng(seed)
+    for c, colour in enumerate(colours):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.asarray(colour) + rng.normal(0, noise, (*shape, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.png")
+    return root
+
+
+def relative_difference(a, b) -> float:
+    """The largest |a - b| over each tensor's largest |b|, over all tensors of two pytrees (0 where both are 0)."""
+    import jax
+
+    def relative(x, y) -> float:
+        scale, diff = np.max(np.abs(y)), np.max(np.abs(x - y))
+        return float(diff / scale) if scale else (0.0 if diff == 0 else float("inf"))
+
+    return max(jax.tree.leaves(jax.tree.map(relative, a, b)))
+
+
+def single_device_env() -> dict[str, str]:
+    """This environment for a process of a multi-process run: one CPU device, no process settings of JAX's."""
+    dropped = ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def launch_train(args: Sequence[str], port: int, process_id: int, **popen) -> subprocess.Popen:
+    """`tests/train_tiny.py args` as process `process_id` of a two-process sharded run through 127.0.0.1:`port`.
+
+    stderr is piped; `popen` adds to subprocess.Popen's arguments.
+    """
+    cmd = [sys.executable, str(TRAIN_TINY), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}"]
+    cmd += ["--num-processes", "2", "--process-id", str(process_id), "--init-timeout", "60"]
+    return subprocess.Popen(cmd, cwd=REPO, env=single_device_env(), stderr=subprocess.PIPE, text=True, **popen)
+
+
+def end(procs: Iterable[subprocess.Popen]) -> None:
+    """Kills whichever of `procs` still runs."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def two_processes(args: Sequence[str], timeout: float) -> list[tuple[int, str, str]]:
+    """`tests/train_tiny.py args` as processes 0 and 1 of a run on 127.0.0.1; (returncode, stdout, stderr) each."""
+    port, procs = free_port(), []
+    try:
+        for i in range(2):
+            procs.append(launch_train(args, port, i, stdout=subprocess.PIPE))
+        deadline = time.monotonic() + timeout
+        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        end(procs)
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]

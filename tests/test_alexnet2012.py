@@ -26,6 +26,11 @@ from alexnet_jax.models.variables import check_variables, model_for, variables_a
 from alexnet_jax.weights.convert import state_dict_architecture
 from alexnet_jax.weights.reference import torch_alexnet2012, torch_alexnet2012_class
 
+from helpers import REPO, load_script
+
+# The module imports torch (or lpips): every test in it needs them.
+pytestmark = pytest.mark.torch
+
 NUM_CLASSES = 10
 SEEDS = (0, 1)
 # (lrn_k, lrn_alpha) in the paper's convention: the paper's own, and Caffe's bvlc_alexnet (alpha 1e-4 / n there).
@@ -77,6 +82,7 @@ def test_parameter_count_names_and_shapes():
     }
 
 
+@pytest.mark.slow
 def test_paper_initialization(paper_variables):
     for name, layer in paper_variables["params"].items():
         kernel = layer["kernel"]
@@ -171,6 +177,7 @@ def test_logits_equal_the_torch_reference(paper_variables, torch_state_dicts, im
 GRADIENT_CASES = (("paper", "paper"), ("caffe", 1))
 
 
+@pytest.mark.slow
 def test_gradients_equal_the_torch_reference_in_float64(paper_variables, torch_state_dicts, images):
     """Every parameter's gradient of a cross-entropy, ours against the torch reference's, in float64.
 
@@ -203,6 +210,7 @@ def test_gradients_equal_the_torch_reference_in_float64(paper_variables, torch_s
             assert error <= GRAD_RTOL, (convention, init, name, error)
 
 
+@pytest.mark.slow
 def test_round_trips_are_bit_exact_and_the_layout_is_recognized(paper_variables, state_dict, torchvision_state_dict):
     variables = paper_variables
     assert variables_architecture(variables) == "2012" and check_variables(variables) == NUM_CLASSES
@@ -232,9 +240,9 @@ def test_neither_layout_is_one_error_against_the_closest(state_dict):
         torch_to_flax(state_dict, architecture="torchvision")
 
 
+@pytest.mark.slow
 def test_cli_converts_a_2012_checkpoint_and_verifies(tmp_path, state_dict, capsys):
-    from test_cli import cli  # the script, loaded once by test_cli
-
+    cli = load_script(REPO / "convert" / "torch_to_flax.py")
     from alexnet_jax.weights.torchvision import load_checkpoint
 
     # A training checkpoint: under 'state_dict', with DataParallel's `module.` prefixes.
@@ -253,6 +261,7 @@ def test_cli_converts_a_2012_checkpoint_and_verifies(tmp_path, state_dict, capsy
     assert state_dict_architecture(load_checkpoint(tmp_path / "plain.pth")) == "2012"
 
 
+@pytest.mark.slow
 def test_nnx_twin_is_bit_for_bit(paper_variables, images, torchvision_state_dict):
     variables = paper_variables
     model = NNXAlexNet2012.from_variables(variables)

@@ -77,6 +77,7 @@ def test_colour_pca_of_a_folder_is_eigh_of_its_pixel_covariance(folder):
     assert values[0] > 2 * values[1] > 0  # the test data has a dominant direction: the comparison means something
 
 
+@pytest.mark.torch
 def test_ten_crops_are_torchvisions_tencrop_on_a_photo(torchvision, photos):
     """Bit-exact where the resize is the same PIL call: torchvision's order, mirrors and all."""
     from torchvision import transforms as T

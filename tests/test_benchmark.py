@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from helpers import REPO, run_python
+from helpers import REPO, load_script, run_python
 
 SCRIPT = REPO / "benchmarks" / "benchmark.py"
 
@@ -48,12 +47,11 @@ def smoke(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_benchmark_smoke(smoke):
     done, results = smoke
     (run,) = results["runs"]
@@ -66,6 +64,8 @@ def test_benchmark_smoke(smoke):
     assert results["machine"]["device"]
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_benchmark_bf16_smoke(smoke):
     done, results = smoke
     (run,) = results["runs"]

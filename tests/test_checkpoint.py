@@ -139,6 +139,7 @@ except CheckpointError as e:
 """
 
 
+@pytest.mark.slow  # test_io's full-disk message test is the fast one
 def test_a_full_disk_during_a_save_is_one_line_and_leaves_nothing_half_written(tmp_path):
     run = run_python(["-c", _FULL_DISK_CHILD, tmp_path / "ck"], env={"JAX_PLATFORMS": "cpu"}, timeout=120)
     assert run.returncode == 1, run.stderr

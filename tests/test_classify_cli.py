@@ -31,7 +31,7 @@ from alexnet_jax.inference.classify import (
 )
 from alexnet_jax.transforms.images import ImageReadError, load_image, walk_images
 
-from helpers import REPO, run_python
+from helpers import REPO, run_python, slow_after
 
 CLASSIFY = REPO / "examples" / "classify.py"
 SAMPLES = REPO / "alexnet_jax" / "assets" / "samples"
@@ -161,6 +161,8 @@ def test_walk_follows_links_without_looping_and_reports_unreadable_folders(tmp_p
     assert walk.problems[1] == f"{locked}: cannot list the folder (Permission denied)"
 
 
+@pytest.mark.torch
+@pytest.mark.slow  # test_cli_single_image runs classify in the fast loop
 def test_classify_files_in_order_with_errors(variables, folder):
     files = find_images([folder]).images
     results = list(classify_files(variables, files, batch_size=2))
@@ -174,6 +176,7 @@ def test_classify_files_in_order_with_errors(variables, folder):
     )
 
 
+@pytest.mark.slow
 def test_classify_files_takes_the_2012_networks_input(folder):
     """Variables of the paper's layout are classified at its 227x227 input, as `predict` reads PIL images."""
     import jax
@@ -188,6 +191,7 @@ def test_classify_files_takes_the_2012_networks_input(folder):
     assert [r.prediction.indices for r in results] == [p.indices for p in expected]
 
 
+@pytest.mark.torch
 def test_write_results(tmp_path, variables):
     prediction = predict(variables, [load_image(SAMPLES / "chelsea.jpg")], k=3)[0]
     results = [FileResult(Path("cat.jpg"), prediction=prediction), FileResult(Path("bad.jpg"), error="no such file")]
@@ -215,6 +219,7 @@ def test_check_output_path(tmp_path):
 # --- CLI -------------------------------------------------------------------------------
 
 
+@pytest.mark.torch
 def test_cli_single_image(weights_file, variables):
     done = run_cli("--weights", weights_file, SAMPLES / "chelsea.jpg")
     assert done.returncode == 0, done.stderr
@@ -226,6 +231,8 @@ def test_cli_single_image(weights_file, variables):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_cli_folder_with_broken_files(weights_file, folder, tmp_path):
     output = tmp_path / "results.json"
     done = run_cli("--weights", weights_file, folder, "--batch-size", "2", "--output", output)
@@ -243,7 +250,8 @@ def test_cli_folder_with_broken_files(weights_file, folder, tmp_path):
     assert [Path(r["path"]).name for r in records if r["error"] is None] == ["a_chelsea.jpg", "coffee.jpg"]
 
 
-@pytest.mark.parametrize("name", ["sub/truncated.jpg", "notes.jpg", "bomb.png", "missing.jpg"])
+@pytest.mark.parametrize("name", slow_after(0, ["sub/truncated.jpg", "notes.jpg", "bomb.png", "missing.jpg"]))
+@pytest.mark.torch
 def test_cli_bad_single_file_fails_cleanly(weights_file, folder, name):
     done = run_cli("--weights", weights_file, folder / name)
     assert done.returncode == 1
@@ -252,6 +260,8 @@ def test_cli_bad_single_file_fails_cleanly(weights_file, folder, name):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_cli_bad_arguments(weights_file, tmp_path):
     done = run_cli("--weights", tmp_path / "missing.msgpack", SAMPLES / "chelsea.jpg")
     assert done.returncode == 1 and done.stderr.strip() == f"error: {tmp_path / 'missing.msgpack'}: no such file"
@@ -261,6 +271,8 @@ def test_cli_bad_arguments(weights_file, tmp_path):
 
 
 @pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs /sys, a folder nobody can create files in (not even root)")
+@pytest.mark.torch
+@pytest.mark.slow
 def test_an_unwritable_output_is_refused_before_any_image_is_classified(weights_file):
     with pytest.raises(ValueError, match=r"/sys/r\.csv: folder /sys is not writable \("):
         check_output_path(Path("/sys/r.csv"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import pickle
 from pathlib import Path
@@ -14,19 +13,15 @@ import torch
 
 from alexnet_jax import AlexNet, load_variables
 
-from helpers import REPO, run_python
+from helpers import REPO, load_script, run_python
+
+# The module imports torch (or lpips): every test in it needs them.
+pytestmark = pytest.mark.torch
 
 SCRIPT = REPO / "convert" / "torch_to_flax.py"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("torch_to_flax", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_script()
+cli = load_script(SCRIPT)
 
 
 class _Evil:
@@ -83,6 +78,7 @@ def _logits(variables_or_sd, x, *, torch_side=False):
     return np.asarray(AlexNet().apply(variables_or_sd, x))
 
 
+@pytest.mark.slow
 def test_converts_and_verifies_a_torchvision_pth(files, tmp_path, torchvision_state_dict):
     out = tmp_path / "alexnet.msgpack"
     result = _run("--checkpoint", files / "good.pth", "--output", out, "--verify", cwd=tmp_path)
@@ -99,6 +95,7 @@ def test_converts_and_verifies_a_torchvision_pth(files, tmp_path, torchvision_st
 
 
 @pytest.mark.parametrize("source, output", [("trainer.pt", "t.msgpack"), ("good.safetensors", "s.safetensors")])
+@pytest.mark.slow
 def test_other_checkpoint_layouts(files, tmp_path, capsys, source, output):
     assert cli.main(["--checkpoint", str(files / source), "--output", str(tmp_path / output)]) == 0
     assert "converted: 16 tensors, 61,100,840 parameters, 1000 classes" in capsys.readouterr().out
@@ -136,6 +133,7 @@ def test_bad_input_is_one_line_exit_1_and_no_file(files, tmp_path, capsys, name)
     assert not (files / "PWNED").exists()
 
 
+@pytest.mark.slow
 def test_malicious_pickle_is_never_executed_in_a_real_run(files, tmp_path):
     result = _run("--checkpoint", files / "malicious.pth", "--output", tmp_path / "o.msgpack", cwd=tmp_path)
     assert result.returncode == 1
@@ -146,12 +144,14 @@ def test_malicious_pickle_is_never_executed_in_a_real_run(files, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_nonfinite_allowed_with_flag(files, tmp_path):
     out = tmp_path / "nan.msgpack"
     assert cli.main(["--checkpoint", str(files / "nan.pth"), "--output", str(out), "--allow-nonfinite"]) == 0
     assert np.isnan(load_variables(out)["params"]["features_3"]["bias"][0])
 
 
+@pytest.mark.slow
 def test_verify_mismatch_exits_3_and_writes_nothing(files, tmp_path, capsys, monkeypatch):
     """A converter bug (the square fc7 weight left untransposed) is caught by --verify."""
     from alexnet_jax.weights import convert
@@ -181,6 +181,7 @@ def _hashed_copy(src: Path, folder: Path, prefix: str | None = None) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_download_through_torch_hub_checks_the_hash_and_caches(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     mirror = tmp_path / "mirror"
@@ -208,6 +209,7 @@ def test_download_with_a_wrong_hash_is_refused(files, tmp_path, capsys, monkeypa
     assert not list((tmp_path / "torch_home" / "hub" / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_no_network_is_one_clear_line(tmp_path):
     # Port 9 on loopback refuses the connection, as an offline machine would.
     result = _run(

@@ -10,6 +10,11 @@ import torch
 
 from alexnet_jax import ConversionError, flax_to_torch, torch_to_flax
 
+from helpers import slow_after
+
+# The module imports torch (or lpips): every test in it needs them.
+pytestmark = pytest.mark.torch
+
 
 @pytest.fixture(scope="module")
 def state_dict():
@@ -28,6 +33,7 @@ def test_conv_is_oihw_to_hwio(state_dict):
     assert k[1, 2, 7, 100] == w[100, 7, 1, 2]
 
 
+@pytest.mark.slow
 def test_square_linear_is_transposed(state_dict):
     # classifier.4 is 4096x4096: a missing transpose would pass every shape check.
     w = state_dict["classifier.4.weight"].numpy()
@@ -36,6 +42,7 @@ def test_square_linear_is_transposed(state_dict):
     np.testing.assert_array_equal(k, w.T)
 
 
+@pytest.mark.slow
 def test_classifier1_permuted_from_chw_to_hwc(state_dict):
     w = state_dict["classifier.1.weight"].numpy()  # (4096, 256*6*6), input index c*36 + h*6 + w
     k = torch_to_flax(state_dict)["params"]["classifier_1"]["kernel"]  # (6*6*256, 4096), index h*1536 + w*256 + c
@@ -43,6 +50,7 @@ def test_classifier1_permuted_from_chw_to_hwc(state_dict):
         assert k[h * 1536 + x * 256 + c, out] == w[out, c * 36 + h * 6 + x]
 
 
+@pytest.mark.slow
 def test_flatten_permutation_equals_nchw_flatten(state_dict):
     """Flax's NHWC flatten with the permuted weight == torch's NCHW flatten with the original."""
     rng = np.random.default_rng(0)
@@ -53,6 +61,7 @@ def test_flatten_permutation_equals_nchw_flatten(state_dict):
     np.testing.assert_allclose(flax_out, torch_out, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_numpy_input_and_module_prefix(state_dict):
     from_torch = torch_to_flax(state_dict)
     from_numpy = torch_to_flax({f"module.{k}": v.numpy() for k, v in state_dict.items()})
@@ -67,6 +76,7 @@ def test_bfloat16_tensors_keep_their_dtype(state_dict):
     np.testing.assert_array_equal(k.astype(np.float32), want)
 
 
+@pytest.mark.slow
 def test_num_classes_comes_from_classifier6(flax_variables):
     variables = flax_variables(0, 10)
     sd = flax_to_torch(variables)
@@ -104,7 +114,7 @@ def test_another_architecture_is_refused(torchvision):
         torch_to_flax(torchvision.models.resnet18().state_dict())
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("value", slow_after(1, [float("nan"), float("inf"), -float("inf")]))
 def test_non_finite_refused_unless_allowed(state_dict, value):
     bad = dict(state_dict)
     bad["classifier.4.bias"] = state_dict["classifier.4.bias"].clone()
@@ -128,6 +138,7 @@ def test_not_a_mapping(obj):
         torch_to_flax(obj)
 
 
+@pytest.mark.slow
 def test_flax_tree_checked_too(flax_variables):
     variables = flax_variables()
     params = dict(variables["params"])

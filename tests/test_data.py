@@ -15,7 +15,7 @@ from alexnet_jax import preprocess
 from alexnet_jax.training.pipeline import DataError, eval_batches, image_folder, train_batches
 from alexnet_jax.transforms.augment import eval_transform, random_resized_crop_box, train_transform
 
-from helpers import children, gone
+from helpers import children, gone, shared_memory
 
 CLASSES = ("ant", "bee", "cat")
 PER_CLASS = 5
@@ -36,6 +36,7 @@ def folder(tmp_path_factory):
     return _write_folder(tmp_path_factory.mktemp("data") / "train", np.random.default_rng(0))
 
 
+@pytest.mark.torch
 def test_classes_and_samples_match_torchvision_imagefolder(folder, torchvision):
     (folder / "ant" / "notes.txt").write_text("not an image")
     try:
@@ -71,6 +72,7 @@ def test_validation_classes_must_match_training(folder):
         image_folder(folder, classes=CLASSES + ("dog",))
 
 
+@pytest.mark.torch
 def test_eval_transform_is_preprocess_at_224_and_torchvision_scaled_at_64(torchvision, rng):
     import torch
     from torchvision import transforms as T
@@ -84,6 +86,7 @@ def test_eval_transform_is_preprocess_at_224_and_torchvision_scaled_at_64(torchv
     assert isinstance(theirs, torch.Tensor)
 
 
+@pytest.mark.torch
 def test_train_transform_is_torchvision_resized_crop_and_flip_on_the_same_box(torchvision, rng):
     from torchvision.transforms import functional as F
 
@@ -118,6 +121,7 @@ def _batches(folder, **kw):
     return list(train_batches(image_folder(folder), **{**defaults, **kw}))
 
 
+@pytest.mark.slow  # a Grain worker process: the fast loop reads in threads only
 def test_order_is_fixed_by_seed_and_step_with_or_without_workers(folder):
     base = _batches(folder)
     assert len(base) == 6 and base[0]["image"].shape == (4, 64, 64, 3)
@@ -132,6 +136,7 @@ def test_order_is_fixed_by_seed_and_step_with_or_without_workers(folder):
     assert not np.array_equal(base[0]["image"], other_seed[0]["image"])
 
 
+@pytest.mark.slow
 def test_a_batch_from_the_workers_leaves_no_shared_memory_name_however_long_it_is_kept(folder):
     """Its /dev/shm names go as it is handed over, so a batch kept past the close (the SIGTERM test's wrapper
     kept the last one) leaves Python's resource tracker nothing to warn about; it still reads the same."""
@@ -217,21 +222,7 @@ time.sleep(120)
 """
 
 
-def _shared_memory(pids: list[int]) -> set[str]:
-    """The /dev/shm entries (batches, semaphores) that `pids` have mapped or open, by name."""
-    names = set()
-    for pid in pids:
-        try:
-            maps = open(f"/proc/{pid}/maps").read().splitlines()
-            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        except OSError:
-            continue
-        for path in [line.split(None, 5)[-1] for line in maps if "/dev/shm/" in line] + fds:
-            if path.startswith("/dev/shm/"):
-                names.add(path.removeprefix("/dev/shm/").removesuffix(" (deleted)"))
-    return names
-
-
+@pytest.mark.slow
 def test_a_sigkilled_run_leaves_no_worker_and_no_shared_memory(folder):
     """SIGKILL cannot be caught: the worker notices its parent is gone and ends; Python's resource tracker
     then unlinks the shared memory and semaphores (before: worker and 43 /dev/shm entries left for good)."""
@@ -239,7 +230,7 @@ def test_a_sigkilled_run_leaves_no_worker_and_no_shared_memory(folder):
     try:
         assert run.stdout.readline() == "ready\n"
         spawned = children(run.pid)  # the Grain worker and the resource tracker
-        held = _shared_memory([run.pid, *spawned])
+        held = shared_memory([run.pid, *spawned])
         assert len(spawned) == 2 and held, (spawned, held)
     finally:
         run.kill()

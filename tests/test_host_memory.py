@@ -67,6 +67,7 @@ def _run(code: str, **env: str) -> tuple[dict, str]:
 
 @glibc_linux
 @pytest.mark.skipif(_thp_always(), reason="with huge pages everywhere the default faults per 2 MB")
+@pytest.mark.slow
 def test_scratch_memory_is_reused_only_when_asked_for():
     from alexnet_jax.host_memory import TUNABLES
 
@@ -89,6 +90,7 @@ def test_scratch_memory_is_reused_only_when_asked_for():
 
 
 @glibc_linux
+@pytest.mark.slow
 def test_calling_after_jax_started_its_backend_warns():
     code = (
         "import jax, json; jax.devices()\nimport alexnet_jax\n"

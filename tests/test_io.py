@@ -14,10 +14,10 @@ import pytest
 from alexnet_jax import ConversionError, load_variables, save_variables
 from alexnet_jax.files import _host, atomic_write_bytes, check_writable_folder
 
-from helpers import run_python
+from helpers import run_python, slow_after
 
 
-@pytest.mark.parametrize("name", ["w.msgpack", "w.safetensors", "w.flax"])
+@pytest.mark.parametrize("name", slow_after(1, ["w.msgpack", "w.safetensors", "w.flax"]))
 def test_round_trip_is_bit_exact(tmp_path, flax_variables, name):
     variables = flax_variables()
     path = save_variables(tmp_path / name, variables)
@@ -48,6 +48,7 @@ def test_wrong_tree_never_reaches_the_disk(tmp_path, flax_variables):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow  # the fast loop keeps the round trip and the full-disk message
 @pytest.mark.parametrize("suffix", [".msgpack", ".safetensors"])
 def test_truncated_file_is_a_clear_error(tmp_path, flax_variables, suffix):
     path = save_variables(tmp_path / f"w{suffix}", flax_variables())
@@ -72,6 +73,7 @@ def test_other_files_are_clear_errors(tmp_path):
         load_variables(no_params)
 
 
+@pytest.mark.slow
 def test_written_file_follows_the_umask(tmp_path, flax_variables):
     # The temporary file behind the atomic write is created 0600; the result must not stay private.
     umask = os.umask(0o022)
@@ -82,12 +84,26 @@ def test_written_file_follows_the_umask(tmp_path, flax_variables):
     assert path.stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.slow
 def test_loaded_variables_are_on_the_device_unless_asked(tmp_path, flax_variables):
     path = save_variables(tmp_path / "w.msgpack", flax_variables())
     assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(load_variables(path)))
     assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(load_variables(path, device=False)))
 
 
+def test_load_model_builds_the_network_of_our_file(tmp_path, flax_variables):
+    """The fast loop's load_model: a file of ours to (AlexNet, device arrays); every other source is the next test's."""
+    from alexnet_jax import AlexNet, load_model
+
+    want = flax_variables()
+    model, variables = load_model(save_variables(tmp_path / "w.msgpack", want), conv_algorithm="winograd")
+    assert model == AlexNet(num_classes=1000, conv_algorithm="winograd")
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(variables))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), want)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
 def test_load_model_from_every_kind_of_source(tmp_path, torchvision_state_dict, monkeypatch):
     import hashlib
 
@@ -121,6 +137,8 @@ def test_load_model_from_every_kind_of_source(tmp_path, torchvision_state_dict, 
     assert (model.dtype, model.conv_algorithm, model.dropout_rate) == (jnp.bfloat16, "winograd", 0.1)
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_load_model_builds_the_2012_network_for_its_weights(tmp_path):
     import jax.numpy as jnp
 
@@ -141,6 +159,7 @@ def test_load_model_builds_the_2012_network_for_its_weights(tmp_path):
         load_model(tmp_path / "missing.msgpack")
 
 
+@pytest.mark.slow
 def test_a_killed_writer_leaves_a_temporary_that_the_next_write_removes(tmp_path):
     """SIGKILL mid-write cannot be cleaned up by the writer; the next write to the same file removes what it left,
     but never a temporary file whose writer still runs."""

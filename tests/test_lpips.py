@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.metadata
-import importlib.util
 import io
 import json
 import subprocess
@@ -44,12 +43,16 @@ from PIL import Image, ImageFilter
 
 from alexnet_jax import ConversionError, lpips, save_variables, torch_to_flax
 
-ROOT = Path(__file__).resolve().parents[1]
-CLI = ROOT / "examples" / "lpips_distance.py"
-BENCHMARK = ROOT / "benchmarks" / "lpips_benchmark.py"
+from helpers import REPO, load_script, slow_after
+
+# The module imports torch (or lpips): every test in it needs them.
+pytestmark = pytest.mark.torch
+
+CLI = REPO / "examples" / "lpips_distance.py"
+BENCHMARK = REPO / "benchmarks" / "lpips_benchmark.py"
 DIST_RTOL, MAP_RTOL, GRAD_RTOL, BF16_RTOL = 1e-5, 1e-5, 1e-3, 3e-2
 # (31, 31): the smallest input that reaches relu5; (47, 83): non-square, odd; 160x224: larger.
-SIZES = ((31, 31), (64, 64), (47, 83), (160, 224))
+SIZES = ((31, 31), (47, 83), (64, 64), (160, 224))
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +137,12 @@ def test_shipped_weights_are_the_wheels(version, lpips_package):
     assert list(got) == list(want)
     for name, tensor in want.items():
         np.testing.assert_array_equal(got[name], tensor.numpy(), err_msg=name, strict=True)
-    shipped = (ROOT / "alexnet_jax" / "assets" / "lpips" / "LICENSE-lpips.txt").read_text()
+    shipped = (REPO / "alexnet_jax" / "assets" / "lpips" / "LICENSE-lpips.txt").read_text()
     wheel = next(f for f in importlib.metadata.files("lpips") if f.name == "LICENSE")
     assert shipped == wheel.read_text() and "Richard Zhang" in shipped
 
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("size", slow_after(2, SIZES), ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("version", lpips.VERSIONS)
 def test_distances_match_lpips(torch_lpips, params, photos, version, size):
     x0, x1 = _pairs(photos, size)
@@ -150,7 +153,7 @@ def test_distances_match_lpips(torch_lpips, params, photos, version, size):
     assert _rel(got, want) <= DIST_RTOL, (got, want)
 
 
-@pytest.mark.parametrize(("version", "size"), [("0.1", (47, 83)), ("0.0", (31, 31))])
+@pytest.mark.parametrize(("version", "size"), slow_after(1, [("0.1", (47, 83)), ("0.0", (31, 31))], unpack=True))
 def test_spatial_maps_match_lpips(torch_lpips, params, photos, version, size):
     x0, x1 = _pairs(photos, size)
     model = torch_lpips(version)
@@ -174,6 +177,7 @@ def test_upsampling_is_torchs_bilinear():
         np.testing.assert_allclose(got, want[:, 0].numpy(), rtol=1e-6, atol=1e-6, err_msg=f"{h}x{w} -> {out}")
 
 
+@pytest.mark.slow
 def test_normalize_takes_images_in_unit_range(torch_lpips, params, photos):
     x0, x1 = (x / np.float32(255) for x in _uint8_pairs(photos, (64, 48)))
     with torch.no_grad():
@@ -201,6 +205,7 @@ def test_input_gradients_match_torch_autograd(torch_lpips, params, photos, versi
         assert _rel_to_max(g, w) <= GRAD_RTOL, name
 
 
+@pytest.mark.slow
 def test_input_gradients_match_in_float64(torch_lpips, params, photos):
     # The pair where float32 gradients disagree by 3% (a near-tie in relu1's max-pool; see the module docstring).
     x0, x1 = (x.astype(np.float64) for x in _pairs(photos, (128, 128)))
@@ -214,6 +219,7 @@ def test_input_gradients_match_in_float64(torch_lpips, params, photos):
     assert _rel_to_max(got, want[0]) <= 1e-10
 
 
+@pytest.mark.slow
 def test_jit_vmap_and_grad_as_a_loss(params, photos):
     p = params("0.1")
     x0, x1 = _pairs(photos, (31, 31))
@@ -235,6 +241,7 @@ def test_jit_vmap_and_grad_as_a_loss(params, photos):
 
 
 @pytest.mark.parametrize("size", [(31, 31), (64, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.slow
 def test_bf16_trunk_is_close(params, photos, size):
     x0, x1 = _pairs(photos, size)
     for version in lpips.VERSIONS:
@@ -333,6 +340,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(CLI), *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_distance_equals_lpips_on_the_same_files(tmp_path, photos, weights_file, torch_lpips, lpips_package):
     # A whole photo (451x300) against its JPEG at quality 20, both written as PNG.
     original, compressed = tmp_path / "chelsea.png", tmp_path / "chelsea_q20.png"
@@ -362,15 +370,14 @@ def test_cli_distance_equals_lpips_on_the_same_files(tmp_path, photos, weights_f
     assert rows[5]["distance"] == "" and "not an image" in rows[5]["error"]
 
 
+@pytest.mark.slow
 def test_cli_bad_named_file_exits_1_in_one_line(tmp_path, photos, weights_file, capsys):
     dir0, dir1 = _write_pair_folders(tmp_path, photos)
     done = _cli("--weights", weights_file, dir0 / "torn.png", dir1 / "torn.png")
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == f"error: {dir1 / 'torn.png'}: not an image (Pillow cannot identify the file)\n"
     # Argument errors stop in argparse, before JAX: no need for a process of their own.
-    spec = importlib.util.spec_from_file_location("lpips_distance", CLI)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script(CLI)
     with pytest.raises(SystemExit) as e:
         cli.parse_args(["--weights", str(weights_file), str(dir0 / "a.png")])
     assert e.value.code == 2 and "give exactly two image files, got 1" in capsys.readouterr().err
@@ -382,9 +389,7 @@ def test_an_unwritable_output_is_refused_before_any_pair_is_read(tmp_path, photo
         lpips.check_output_path(Path("/sys/d.csv"))
     dir0, dir1 = _write_pair_folders(tmp_path, photos)
     # Argument checks run in argparse, before JAX or any image: no process of their own needed.
-    spec = importlib.util.spec_from_file_location("lpips_distance", CLI)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script(CLI)
     with pytest.raises(SystemExit) as e:
         cli.parse_args(
             ["--weights", str(weights_file), "--dir0", str(dir0), "--dir1", str(dir1), "--output", "/sys/d.csv"]
@@ -392,6 +397,7 @@ def test_an_unwritable_output_is_refused_before_any_pair_is_read(tmp_path, photo
     assert e.value.code == 2 and "folder /sys is not writable" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(

@@ -11,6 +11,8 @@ from alexnet_jax import IMAGENET1K_V1, AlexNet, check_variables
 from alexnet_jax.models.alexnet import FEATURE_NAMES
 from alexnet_jax.models.layers import adaptive_avg_pool, adaptive_pool_matrix
 
+from helpers import slow_after
+
 
 @pytest.fixture(scope="module")
 def variables(flax_variables):
@@ -39,12 +41,16 @@ def test_layer_names_follow_torchvision_modules(variables):
 
 @pytest.mark.parametrize(
     "size, conv1, relu5",
-    [
-        ((224, 224), (55, 55), (13, 13)),
-        ((227, 227), (56, 56), (13, 13)),
-        ((256, 320), (63, 79), (15, 19)),
-        ((63, 63), (15, 15), (3, 3)),
-    ],
+    slow_after(
+        1,
+        [
+            ((224, 224), (55, 55), (13, 13)),
+            ((227, 227), (56, 56), (13, 13)),
+            ((256, 320), (63, 79), (15, 19)),
+            ((63, 63), (15, 15), (3, 3)),
+        ],
+        unpack=True,
+    ),
 )
 def test_activation_shapes(variables, size, conv1, relu5):
     # conv1 at 224 is 55x55 only with torchvision's explicit padding 2; 'SAME' would give 56x56.
@@ -66,6 +72,7 @@ def test_smaller_than_min_size_is_a_clear_error(variables):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 7, 9, 12, 13, 15, 19, 25])
+@pytest.mark.torch
 def test_adaptive_pool_matches_torch(n):
     import torch
 
@@ -76,6 +83,7 @@ def test_adaptive_pool_matches_torch(n):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.torch
 def test_adaptive_pool_windows_overlap_like_torch():
     # n=7: windows [0,2) [1,3) [2,4) [3,5) [4,6) [5,7), each of length 2, overlapping.
     m = adaptive_pool_matrix(7)
@@ -83,6 +91,7 @@ def test_adaptive_pool_windows_overlap_like_torch():
     np.testing.assert_allclose(m.sum(1), 1.0)
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training(variables):
     x = jax.random.normal(jax.random.key(1), (2, 224, 224, 3))
     model = AlexNet()
@@ -97,6 +106,7 @@ def test_dropout_only_in_training(variables):
     np.testing.assert_allclose(no_dropout, eval_a, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_num_classes_and_dtypes(flax_variables):
     model = AlexNet(num_classes=10, dtype=jnp.bfloat16)
     variables = flax_variables(0, 10)
@@ -106,7 +116,8 @@ def test_num_classes_and_dtypes(flax_variables):
     assert check_variables(variables) == 10
 
 
-@pytest.mark.parametrize("shape", [(2, 55, 55, 8), (3, 7, 9, 4), (1, 27, 28, 5)])
+@pytest.mark.parametrize("shape", slow_after(1, [(2, 55, 55, 8), (3, 7, 9, 4), (1, 27, 28, 5)]))
+@pytest.mark.torch
 def test_max_pool_gradient_matches_torch_ties_included(shape):
     """The hand-written max-pool gradient routes to the first maximum of each window, as torch does."""
     import torch
@@ -128,6 +139,7 @@ def test_max_pool_gradient_matches_torch_ties_included(shape):
     )
 
 
+@pytest.mark.slow
 def test_max_pool_forward_mode_is_the_transpose_of_its_gradient():
     # jvp and grad both work through the pool (the derivative is a custom_jvp), and agree.
     from alexnet_jax.models.layers import max_pool
@@ -150,11 +162,13 @@ def test_fields_are_documented_where_help_shows_them():
         assert f"{field}:" in doc, field
 
 
+@pytest.mark.slow
 def test_head_of_another_size_is_a_clear_error(flax_variables):
     with pytest.raises(ValueError, match=r"10-class head .* AlexNet\(num_classes=1000\)"):
         AlexNet().apply(flax_variables(0, 10), jnp.zeros((1, 63, 63, 3)))
 
 
+@pytest.mark.slow  # the tiny fine-tuning and test_archs replace heads in the fast loop
 def test_replace_head_keeps_the_body_and_fits_the_new_size(variables):
     from alexnet_jax import replace_head
 
@@ -168,6 +182,7 @@ def test_replace_head_keeps_the_body_and_fits_the_new_size(variables):
         replace_head(variables, 0)
 
 
+@pytest.mark.slow  # test_lpips and test_nnx run the trunk in the fast loop
 @pytest.mark.parametrize("size", [224, 64])
 def test_trunk_features_equal_the_sown_activations(variables, size):
     from alexnet_jax import trunk_features
@@ -180,6 +195,7 @@ def test_trunk_features_equal_the_sown_activations(variables, size):
         np.testing.assert_array_equal(value, state["intermediates"][name][0])
 
 
+@pytest.mark.slow
 def test_trunk_features_choice_of_layers_depth_and_grad(variables):
     from alexnet_jax import trunk_features
     from alexnet_jax.models.alexnet import trunk_min_size

@@ -1,34 +1,34 @@
 """Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives) against one process, and bad launches.
 
-Each child is `examples/train.py --parallel sharded` with one CPU device: it reads
-only its half of every global batch, and process 0 alone writes the logs and
-final weights. The children are bounded by a timeout and killed in `finally`.
+Each child is the training CLI (`tests/train_tiny.py`, examples/train.py with the tests' tiny
+network) with `--parallel sharded` and one CPU device: it reads only its half of every
+global batch, and process 0 alone writes the logs and final weights. The children are
+bounded by a timeout and killed in `finally`.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from alexnet_jax import load_variables
-from alexnet_jax.training.config import TrainConfig
 from alexnet_jax.training.loop import train_and_evaluate
 from alexnet_jax.training.metrics import read_metrics
 
-from helpers import REPO, run_python
-from test_parallel import _relative_difference
-from test_train_loop import _colour_folder
+from helpers import (
+    TRAIN_TINY,
+    free_port,
+    relative_difference,
+    run_python,
+    single_device_env,
+    slow_after,
+    two_processes,
+)
+from tiny_arch import tiny_config, train_flags
 
-SCRIPT = REPO / "examples" / "train.py"
-# What is under test is the processes agreeing, not the convolution: XLA's compiles in a
-# fraction of the Winograd layers' seconds (test_winograd and test_parity cover those).
-CONV_ALGORITHM = "xla"
 TIMEOUT_S = 240
 # The two runs sum the gradients of the same 8 images in another order (two halves,
 # then an all-reduce); after 2 SGD steps that stays far below this, relative to each
@@ -36,113 +36,30 @@ TIMEOUT_S = 240
 TOLERANCE = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    # One CPU device per process; the parent's forced device count must not leak in.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-    }
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("colours")
-    return _colour_folder(root / "train", 6, 0), _colour_folder(root / "val", 2, 1)  # 18 images: 2 steps of 8
+def data(colour_data, tiny):
+    return colour_data(6, 2)  # 18 images: 2 steps of 8
 
 
 def _args(data, workdir: Path) -> list[str]:
-    train, val = data
-    return [
-        "--data",
-        str(train),
-        "--val-data",
-        str(val),
-        "--workdir",
-        str(workdir),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--lr",
-        "0.01",
-        "--image-size",
-        "64",
-        "--save-every",
-        "0",
-        "--keep",
-        "1",
-        "--workers",
-        "0",
-        "--no-progress",
-        "--conv-algorithm",
-        CONV_ALGORITHM,
-    ]
+    return train_flags(tiny_config(data, lr=0.01), workdir)
 
 
-def _launch(args: list[str], port: int, process_id: int, **popen) -> subprocess.Popen:
-    """`examples/train.py args` as process `process_id` of a two-process sharded run through 127.0.0.1:`port`."""
-    cmd = [sys.executable, str(SCRIPT), *args, "--parallel", "sharded", "--coordinator", f"127.0.0.1:{port}"]
-    cmd += ["--num-processes", "2", "--process-id", str(process_id), "--init-timeout", "60"]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True, **popen)
-
-
-def _end(procs: list[subprocess.Popen]) -> None:
-    """Kills whichever of `procs` still runs."""
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def _two_processes(args: list[str], timeout: float) -> list[tuple[int, str, str]]:
-    """Runs `examples/train.py args` as processes 0 and 1 of a run on 127.0.0.1; (returncode, stdout, stderr) each."""
-    port, procs = _free_port(), []
-    try:
-        for i in range(2):
-            procs.append(_launch(args, port, i, stdout=subprocess.PIPE))
-        deadline = time.monotonic() + timeout
-        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    finally:
-        _end(procs)
-    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
-
-
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_end_with_the_parameters_of_one(data, tmp_path):
     """Dropout is on: the sharded jit draws the masks of the global batch, the same in both runs."""
-    train, val = data
-    single = train_and_evaluate(
-        TrainConfig(
-            data=str(train),
-            val_data=str(val),
-            epochs=1,
-            batch_size=8,
-            lr=0.01,
-            image_size=64,
-            save_every=0,
-            keep=1,
-            progress=False,
-            conv_algorithm=CONV_ALGORITHM,
-        ),
-        tmp_path / "single",
-    )
+    single = train_and_evaluate(tiny_config(data, lr=0.01), tmp_path / "single")
 
     workdir = tmp_path / "two"
-    results = _two_processes(_args(data, workdir), TIMEOUT_S)
+    results = two_processes(_args(data, workdir), TIMEOUT_S)
     for i, (returncode, _, err) in enumerate(results):
         assert returncode == 0, f"process {i}: {err[-3000:]}"
     assert "done:" in results[0][1] and "done:" not in results[1][1]  # process 0 reports
 
     two = load_variables(workdir / "final.msgpack")["params"]
     one = load_variables(single["final_variables"])["params"]
-    assert _relative_difference(two, one) < TOLERANCE
+    assert relative_difference(two, one) < TOLERANCE
     rows = read_metrics(workdir / "metrics.jsonl")
     assert len(rows) == 1 and rows[0]["step"] == 2  # written once, by process 0
     assert rows[0]["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
@@ -150,17 +67,19 @@ def test_two_processes_end_with_the_parameters_of_one(data, tmp_path):
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
 
 
-def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return run_python([SCRIPT, *args], env=_env(), timeout=timeout)
+def _run(args: list[str], timeout: float = 60):
+    return run_python([TRAIN_TINY, *args], env=single_device_env(), timeout=timeout)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_an_unreachable_coordinator_fails_fast_with_one_line(data, tmp_path):
     started = time.monotonic()
     run = _run(
         _args(data, tmp_path / "w")
         + [
             "--coordinator",
-            f"127.0.0.1:{_free_port()}",
+            f"127.0.0.1:{free_port()}",
             "--num-processes",
             "2",
             "--process-id",
@@ -177,33 +96,42 @@ def test_an_unreachable_coordinator_fails_fast_with_one_line(data, tmp_path):
 
 @pytest.mark.parametrize(
     "extra, message",
-    [
-        (["--num-processes", "2", "--process-id", "2"], "process id 2 is out of range for 2 processes"),
-        (["--num-processes", "2", "--process-id", "-1"], "process id -1 is out of range for 2 processes"),
-        (["--coordinator", "nohostport", "--num-processes", "2", "--process-id", "1"], "is not HOST:PORT"),
-    ],
+    slow_after(
+        1,
+        [
+            (["--num-processes", "2", "--process-id", "2"], "process id 2 is out of range for 2 processes"),
+            (["--num-processes", "2", "--process-id", "-1"], "process id -1 is out of range for 2 processes"),
+            (["--coordinator", "nohostport", "--num-processes", "2", "--process-id", "1"], "is not HOST:PORT"),
+        ],
+        unpack=True,
+    ),
 )
+@pytest.mark.multiprocess
 def test_bad_process_arguments_are_refused_before_connecting(data, tmp_path, extra, message):
-    coordinator = [] if "--coordinator" in extra else ["--coordinator", f"127.0.0.1:{_free_port()}"]
+    coordinator = [] if "--coordinator" in extra else ["--coordinator", f"127.0.0.1:{free_port()}"]
     run = _run(_args(data, tmp_path / "w") + coordinator + extra, timeout=30)
     assert run.returncode == 2, run.stderr
     assert message in run.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_batch_that_does_not_split_over_the_devices_stops_before_training(data, tmp_path):
     """Two processes of one device each: a global batch of 7 cannot split; both say so and exit."""
     args = _args(data, tmp_path / "w")
     args[args.index("--batch-size") + 1] = "7"
-    for returncode, _, err in _two_processes(args, 90):
+    for returncode, _, err in two_processes(args, 90):
         assert returncode == 1, err
         assert "global batch 7 does not divide over 2 devices; use a multiple of 2" in err
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_peer_that_never_arrives_ends_the_run_with_one_line_and_exit_1(data, tmp_path):
     """Before: jaxlib aborted (SIGABRT, a C++ stack) after its own timeout. Process 0 alone, 3 s to wait."""
     started = time.monotonic()
-    args = _args(data, tmp_path / "w") + ["--parallel", "sharded", "--coordinator", f"127.0.0.1:{_free_port()}"]
+    args = _args(data, tmp_path / "w") + ["--parallel", "sharded", "--coordinator", f"127.0.0.1:{free_port()}"]
     run = _run(args + ["--num-processes", "2", "--process-id", "0", "--init-timeout", "3"], timeout=60)
     assert run.returncode == 1, run.stderr
     assert run.stderr.splitlines()[-1].startswith("error: process 0: not all 2 processes joined through 127.0.0.1:")
@@ -228,6 +156,8 @@ def test_process_0_learns_it_is_process_0_from_the_cluster_before_jax_starts(mon
     assert _detect("10.0.0.1:1234", 4, 3, 10) == ("10.0.0.1:1234", 4, 3)  # given: used as given
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_jax_can_still_be_configured_after_joining(tmp_path):
     """JAX allows config updates between jax.distributed.initialize and the first computation;
     initialize_distributed must not start the backend (it asked jax.process_count() before)."""
@@ -238,5 +168,5 @@ def test_jax_can_still_be_configured_after_joining(tmp_path):
         "jax.config.update('jax_num_cpu_devices', 2)\n"
         "print(jax.device_count())\n"
     )
-    run = run_python(["-c", script, f"127.0.0.1:{_free_port()}"], env=_env(), timeout=60)
+    run = run_python(["-c", script, f"127.0.0.1:{free_port()}"], env=single_device_env(), timeout=60)
     assert run.returncode == 0 and run.stdout.split() == ["2"], run.stderr

@@ -103,6 +103,7 @@ def test_logits_equal_linen_non_square(flax_variables, photos_256x320):
     np.testing.assert_array_equal(_nnx_logits(model, photos_256x320), _linen_logits(variables, photos_256x320))
 
 
+@pytest.mark.slow
 def test_logits_equal_linen_bf16(flax_variables, photos_224):
     variables = flax_variables()
     model = NNXAlexNet.from_variables(variables, dtype=jnp.bfloat16)
@@ -111,6 +112,7 @@ def test_logits_equal_linen_bf16(flax_variables, photos_224):
     np.testing.assert_array_equal(logits, _linen_logits(variables, photos_224[:2], dtype=jnp.bfloat16))
 
 
+@pytest.mark.slow
 def test_logits_equal_linen_winograd(flax_variables, photos_256x320):
     variables = flax_variables()
     model = NNXAlexNet.from_variables(variables, conv_algorithm="winograd")
@@ -138,6 +140,7 @@ def test_trunk_equals_trunk_features(flax_variables, photos_224):
         model.trunk(x, ("fc7",))
 
 
+@pytest.mark.slow
 def test_to_variables_round_trips_bit_exactly(flax_variables):
     variables = flax_variables()
     back = to_variables(NNXAlexNet.from_variables(variables))
@@ -150,6 +153,8 @@ def test_to_variables_round_trips_bit_exactly(flax_variables):
     assert len(state_dict) == 16 and state_dict["classifier.6.weight"].shape == (1000, 4096)
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_ten_class_torchvision_tree(torchvision_state_dict, photos_224):
     variables = torch_to_flax(torchvision_state_dict(0, num_classes=10))
     model = NNXAlexNet.from_variables(variables)
@@ -166,6 +171,7 @@ def test_bf16_parameters_keep_their_dtype(flax_variables):
     assert {v.dtype for v in _flat_state(model, nnx.Param).values()} == {jnp.dtype(jnp.bfloat16)}
 
 
+@pytest.mark.slow
 def test_dropout_on_in_train_mode_only(flax_variables):
     model = NNXAlexNet.from_variables(flax_variables(), rngs=nnx.Rngs(dropout=1))
     x = np.random.default_rng(0).normal(size=(2, 63, 63, 3)).astype(np.float32)
@@ -189,6 +195,8 @@ def test_dropout_on_in_train_mode_only(flax_variables):
     np.testing.assert_array_equal(np.asarray(forward(no_dropout, x)), eval_logits)
 
 
+@pytest.mark.torch
+@pytest.mark.slow  # the fast loop keeps NNX's logits, init and state checks
 def test_clear_errors(flax_variables, torchvision_state_dict):
     ten = torch_to_flax(torchvision_state_dict(0, num_classes=10))
     with pytest.raises(ValueError, match=r"10-class head \(classifier_6\) but num_classes=1000"):
@@ -212,6 +220,7 @@ def test_clear_errors(flax_variables, torchvision_state_dict):
         NNXAlexNet.from_variables(flax_variables(), conv_algorithm="fast")
 
 
+@pytest.mark.slow
 def test_sgd_step_equals_linen(flax_variables):
     variables = flax_variables()
     rng = np.random.default_rng(0)
@@ -258,6 +267,7 @@ def _run_example(*args: str) -> subprocess.CompletedProcess:
     return run_python([SCRIPT, *args])
 
 
+@pytest.mark.slow
 def test_example_fine_tunes_and_saves_for_linen(tmp_path):
     output = tmp_path / "digits.msgpack"
     run = _run_example(
@@ -271,6 +281,7 @@ def test_example_fine_tunes_and_saves_for_linen(tmp_path):
     np.testing.assert_array_equal(_linen_logits(variables, x), _nnx_logits(NNXAlexNet.from_variables(variables), x))
 
 
+@pytest.mark.slow
 def test_example_missing_weights_is_one_line(tmp_path):
     run = _run_example("--weights", str(tmp_path / "absent.msgpack"), "--steps", "1")
     assert run.returncode == 1

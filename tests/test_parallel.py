@@ -2,7 +2,9 @@
 
 The rest of the suite runs on one device, so the 4-device work happens in one child
 process (this file run as a script with XLA_FLAGS forcing 4 host devices) that trains
-every variant on the same global batches and prints JSON; the tests read it.
+every variant on the same global batches and prints JSON; the tests read it. The
+variants train the tests' tiny network (`tiny_arch`): what is under test is how a step
+is spread over devices; AlexNet itself runs under explicit mesh axes.
 Tolerance 1e-5 of each tensor's largest value: the variants sum the same gradients
 in a different order (per device, then across devices), nothing else differs.
 """
@@ -15,7 +17,10 @@ import time
 
 import pytest
 
-from helpers import REPO, json_from_script_on_devices
+from helpers import REPO, json_from_script_on_devices, relative_difference
+
+# Every test reads the one 4-device child, which trains in five layouts and runs AlexNet on a mesh.
+pytestmark = pytest.mark.slow
 
 DEVICES = 4
 STEPS = 2  # the second step reads the momentum of the first
@@ -44,28 +49,20 @@ def _batches(n: int = STEPS):
     return out
 
 
-def _relative_difference(a, b) -> float:
-    """The largest |a - b| over each tensor's largest |b|, over all tensors."""
-    import jax
-    import numpy as np
-
-    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y)) / np.max(np.abs(y))), a, b)
-    return max(jax.tree.leaves(diffs))
-
-
 def _child() -> dict:
     """Runs with 4 devices: every variant from the same start on the same batches."""
     import jax
     import numpy as np
 
-    from alexnet_jax import AlexNet
     from alexnet_jax.distributed.parallel import PMAP_AXIS, make_parallel
     from alexnet_jax.steps import create_train_state, dropout_key, init_params, make_optimizer
+
+    from tiny_arch import TinyAlexNet
 
     assert jax.device_count() == DEVICES, jax.devices()
     # Dropout off: the variants draw different masks. XLA's convolution: what is under test is
     # the step's distribution, and it compiles in a fraction of the Winograd layers' time.
-    model = AlexNet(num_classes=NUM_CLASSES, dropout_rate=0.0, conv_algorithm="xla")
+    model = TinyAlexNet(num_classes=NUM_CLASSES, dropout_rate=0.0, conv_algorithm="xla")
     start = jax.device_get(init_params(model, seed=0, image_size=SIZE))
     batches = _batches()
 
@@ -82,7 +79,7 @@ def _child() -> dict:
         return jax.device_get(state.params), losses, str(jax.tree.leaves(state.params)[0].sharding)
 
     reference, ref_losses, _ = run("none")
-    out = {"moved": _relative_difference(start, reference), "variants": {}}
+    out = {"moved": relative_difference(start, reference), "variants": {}}
     # pmap with micro-batches runs the same split as the two others; left out to keep the test short.
     for name, mode, micro in (
         ("pmap", "pmap", 1),
@@ -92,11 +89,11 @@ def _child() -> dict:
     ):
         params, losses, sharding = run(mode, micro)
         out["variants"][name] = {
-            "params": _relative_difference(params, reference),
+            "params": relative_difference(params, reference),
             "loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
             "sharding": sharding,
         }
-    out["explicit_mesh"] = _explicit_mesh(start, batches[0]["image"])
+    out["explicit_mesh"] = _explicit_mesh(batches[0]["image"])
     # pmap needs one mapped argument; the device index comes from the axis, not from it.
     keys = jax.pmap(lambda rng, _: dropout_key(rng, 3, PMAP_AXIS), axis_name=PMAP_AXIS, in_axes=(None, 0))(
         jax.random.PRNGKey(0), np.arange(DEVICES)
@@ -105,16 +102,17 @@ def _child() -> dict:
     return out
 
 
-def _explicit_mesh(params, x) -> dict:
-    """The model with the batch sharded over a `jax.make_mesh` mesh (explicit axes, JAX 0.10's default)."""
+def _explicit_mesh(x) -> dict:
+    """AlexNet with the batch sharded over a `jax.make_mesh` mesh (explicit axes, JAX 0.10's default)."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from alexnet_jax import AlexNet
+    from alexnet_jax.steps import init_params
 
     mesh = jax.make_mesh((DEVICES,), ("data",))
-    variables = {"params": params}
+    variables = {"params": jax.device_get(init_params(AlexNet(num_classes=NUM_CLASSES), seed=0, image_size=SIZE))}
     out = {"axis_types": str(mesh.axis_types)}
     # The default path forward and backward; Winograd forward only (its reshapes are what explicit
     # axes once refused, and each of its gradients costs ~10 s to compile).
@@ -128,12 +126,12 @@ def _explicit_mesh(params, x) -> dict:
             sharded = jax.jit(model.apply)(vs, xs)
             sharded_grads = jax.jit(grad)(vs, xs) if with_grads else None
         out[algorithm] = {
-            "logits": _relative_difference(jax.device_get(sharded), jax.device_get(logits)),
+            "logits": relative_difference(jax.device_get(sharded), jax.device_get(logits)),
             "spec": list(sharded.sharding.spec),
         }
         if with_grads:
             grads = jax.jit(grad)(variables, x)
-            out[algorithm]["grads"] = _relative_difference(jax.device_get(sharded_grads), jax.device_get(grads))
+            out[algorithm]["grads"] = relative_difference(jax.device_get(sharded_grads), jax.device_get(grads))
     return out
 
 

@@ -23,10 +23,15 @@ import torch
 from alexnet_jax import AlexNet, flax_to_torch, torch_to_flax
 from alexnet_jax.inference.verify import RTOL, compare_logits, top_k
 
+from helpers import slow_after
+
+# The module imports torch (or lpips): every test in it needs them.
+pytestmark = pytest.mark.torch
+
 SEEDS = (0, 1, 2)
-# 224: the standard size. 227: the paper's. 256x320: pools to 7x9, so the adaptive
-# average pool's windows overlap, which is where ports usually drift.
-SIZES = ((224, 224), (227, 227), (256, 320))
+# 224: the standard size. 256x320: pools to 7x9, so the adaptive average pool's windows
+# overlap, which is where ports usually drift. 227: the paper's.
+SIZES = ((224, 224), (256, 320), (227, 227))
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -47,8 +52,8 @@ def _torch_model(torchvision, state_dict, num_classes=1000):
 _forward = jax.jit(lambda variables, x: AlexNet().apply(variables, x))
 
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("size", slow_after(2, SIZES), ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("seed", slow_after(1, SEEDS))
 def test_logits_and_top5_match_torchvision(torchvision, torchvision_state_dict, photos, seed, size):
     state_dict = torchvision_state_dict(seed)
     x = _batch(photos, size)
@@ -104,13 +109,14 @@ LABELS = np.array([281, 967, 0, 999])  # tabby cat, espresso, and two arbitrary 
 FLOAT32_GRAD_RTOL = 1e-4 if jax.default_backend() == "cpu" else 1e-3
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", slow_after(1, [0, 1]))
 def test_gradients_match_torch_autograd_float32(torchvision, torchvision_state_dict, photos, seed):
     want, got = _gradients(torchvision, torchvision_state_dict(seed), _batch(photos, (224, 224)), LABELS, torch.float32)
     _assert_gradients_match(want, got, rtol=FLOAT32_GRAD_RTOL)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (256, 320)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.slow
 def test_gradients_match_torch_autograd_float64(torchvision, torchvision_state_dict, photos, size):
     """The same in float64, which makes the comparison exact up to summation order.
 
@@ -128,6 +134,7 @@ def test_gradients_match_torch_autograd_float64(torchvision, torchvision_state_d
     _assert_gradients_match(want, got, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_converted_back_weights_reproduce_torch_logits(torchvision, torchvision_state_dict, flax_variables, photos):
     # torch -> flax -> torch, loaded strictly into a fresh torchvision AlexNet: identical logits.
     state_dict = torchvision_state_dict(2)
@@ -174,6 +181,7 @@ def test_a_missing_transpose_is_caught(torchvision_state_dict, photos):
     assert report.max_abs_diff > 100 * RTOL * report.max_abs_logit
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_tracks_float32(torchvision_state_dict, photos):
     variables = torch_to_flax(torchvision_state_dict(0))
     x = _batch(photos, (224, 224))

@@ -10,7 +10,7 @@ import pytest
 
 from alexnet_jax.distributed.peers import HEARTBEAT_PREFIX, CoordinatorService, PeerWatch
 
-from helpers import gone
+from helpers import free_port, gone
 
 
 class _Store:
@@ -146,12 +146,6 @@ def test_the_timeout_must_exceed_the_interval():
         PeerWatch(_Store(), 0, 2, timeout_s=1, interval_s=1, on_lost=print)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serves(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -161,14 +155,14 @@ def _serves(port: int) -> bool:
 
 
 def test_the_service_ends_at_done_and_lingers_after_its_parent_vanished():
-    port = _free_port()
+    port = free_port()
     service = CoordinatorService(f"127.0.0.1:{port}", 2, heartbeat_timeout_s=10, linger_s=2, timeout_s=60)
     assert _serves(port)
     service.close()
     assert gone([service.pid], within_s=1) and not _serves(port)
 
     # Process 0 killed: its end of the pipe closes without "done"; the service serves on for linger_s.
-    port = _free_port()
+    port = free_port()
     service = CoordinatorService(f"127.0.0.1:{port}", 2, heartbeat_timeout_s=10, linger_s=2, timeout_s=60)
     service._process.stdin.close()
     time.sleep(1)

@@ -27,6 +27,9 @@ from alexnet_jax.inference.labels import class_names
 from alexnet_jax.inference.predict import dtype_agreement, padded_size, predictions_from_logits, softmax
 from alexnet_jax.models.alexnet import FEATURE_NAMES
 
+# Every test here compares against torchvision (the module's fixtures load it).
+pytestmark = pytest.mark.torch
+
 RTOL = 1e-4
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # one per XLA compilation
 
@@ -205,6 +208,7 @@ def test_empty_batch(variables):
     }
 
 
+@pytest.mark.slow  # float32 parity is the fast representative
 def test_bfloat16_compute(variables, images):
     float32 = predict_logits(variables, images, batch_size=4)
     bf16 = predict_logits(variables, images, batch_size=4, dtype=jnp.bfloat16)

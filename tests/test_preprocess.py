@@ -15,6 +15,9 @@ from PIL import Image
 
 from alexnet_jax import CROP_SIZE, preprocess, preprocess_batch
 
+# Every test here compares against torchvision (the module's fixtures load it).
+pytestmark = pytest.mark.torch
+
 
 @pytest.fixture(scope="module")
 def transforms(torchvision):

@@ -13,8 +13,8 @@ import pytest
 from alexnet_jax.files import atomic_write_bytes
 from alexnet_jax.training.shutdown import Interrupted, StopRequested, StopSignals, exit_status, interrupt_on_signals
 
-from helpers import REPO, children, gone
-from test_train_loop import _colour_folder
+from helpers import REPO, TRAIN_TINY, children, gone, shared_memory
+from tiny_arch import tiny_config, train_flags
 
 
 @pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT])
@@ -55,24 +55,20 @@ def test_sigterm_mid_write_in_a_short_cli_leaves_no_temporary_file(tmp_path, mon
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("colours")
-    return _colour_folder(root / "train", 8, 0), _colour_folder(root / "val", 3, 1)
+def data(colour_data, tiny):
+    return colour_data(8, 3)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ctrl_c_reaches_every_process_of_the_run_and_still_ends_in_one_line(data, tmp_path):
     """A terminal's Ctrl-C sends SIGINT to the whole process group (Slurm signals every process of a step alike),
     so the data worker gets it too. Before: the worker died mid-batch with a 15-line KeyboardInterrupt
     traceback and the resource tracker warned of its batches' leaked shared memory."""
-    from test_data import _shared_memory
-
-    train, val = data
     workdir = tmp_path / "run"
-    args = ["--data", train, "--val-data", val, "--workdir", workdir, "--batch-size", "8", "--epochs", "50"]
-    args += ["--lr", "0.01", "--image-size", "64", "--save-every", "1", "--keep", "1", "--no-progress"]
-    args += ["--conv-algorithm", "xla", "--workers", "1"]
+    args = train_flags(tiny_config(data, epochs=50, save_every=1, workers=1), workdir)
     run = subprocess.Popen(
-        [sys.executable, str(REPO / "examples" / "train.py"), *map(str, args)],
+        [sys.executable, TRAIN_TINY, *args],  # the training CLI on the tests' tiny network
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -88,7 +84,7 @@ def test_ctrl_c_reaches_every_process_of_the_run_and_still_ends_in_one_line(data
                 pytest.fail(f"the run never saved a step: {run.communicate()[1][-2000:]}")
             time.sleep(0.1)
         workers = children(run.pid)  # Grain's worker and Python's resource tracker
-        held = _shared_memory([run.pid, *workers])
+        held = shared_memory([run.pid, *workers])
         os.killpg(run.pid, signal.SIGINT)
         _, err = run.communicate(timeout=120)
     finally:

@@ -15,25 +15,12 @@ import sys
 
 import pytest
 
-from helpers import REPO, json_from_script_on_devices
+from helpers import REPO, json_from_script_on_devices, relative_difference
 
 DEVICES = 4
 BATCH = 4  # 2 images per data-parallel pair of towers
 NUM_CLASSES = 7
 TOLERANCE = 1e-5
-
-
-def _relative_difference(a, b) -> float:
-    """The largest |a - b| over each tensor's largest |b|, over all tensors."""
-    import jax
-    import numpy as np
-
-    def relative(x, y) -> float:
-        scale = np.max(np.abs(y))
-        diff = np.max(np.abs(x - y))
-        return float(diff / scale) if scale else (0.0 if diff == 0 else float("inf"))
-
-    return max(jax.tree.leaves(jax.tree.map(relative, a, b)))
 
 
 def _collectives(hlo: str) -> dict[str, int]:
@@ -66,14 +53,14 @@ def _child() -> dict:
     sharded = {"params": shard_params(mesh, params)}
     want = np.asarray(jax.jit(model.apply)({"params": params}, x[:2]))
     compiled = apply.lower(sharded, x[:2]).compile()
-    out["logits"] = _relative_difference(np.asarray(compiled(sharded, x[:2])), want)
+    out["logits"] = relative_difference(np.asarray(compiled(sharded, x[:2])), want)
     out["collectives"] = _collectives(compiled.as_text())
     # The same on a `jax.make_mesh` mesh (explicit axes, JAX's default), where shard_map refuses unplaced inputs.
     explicit = jax.make_mesh((1, 2), ("data", "model"), devices=jax.devices()[:2])
     with jax.set_mesh(explicit):
         on_explicit = jax.jit(tower_apply(model, explicit))({"params": shard_params(explicit, params)}, x[:2])
     out["explicit_axes"] = str(explicit.axis_types)
-    out["explicit_logits"] = _relative_difference(np.asarray(on_explicit), want)
+    out["explicit_logits"] = relative_difference(np.asarray(on_explicit), want)
     kernel = sharded["params"]["features_4"]["kernel"]
     out["conv2_shards"] = sorted({tuple(s.data.shape) for s in kernel.addressable_shards})
 
@@ -92,10 +79,10 @@ def _child() -> dict:
     towers = make_towers(model, global_batch=BATCH)
     out["mesh"] = dict(towers.mesh.shape)
     state, metrics = towers.step(towers.put_state(fresh()), towers.put_batch(batch))
-    out["step_params"] = _relative_difference(jax.device_get(state.params), jax.device_get(single.params))
-    out["step_momentum"] = _relative_difference(jax.device_get(state.opt_state), jax.device_get(single.opt_state))
+    out["step_params"] = relative_difference(jax.device_get(state.params), jax.device_get(single.params))
+    out["step_momentum"] = relative_difference(jax.device_get(state.opt_state), jax.device_get(single.opt_state))
     out["step_loss"] = abs(float(metrics["loss"]) - float(single_metrics["loss"])) / abs(float(single_metrics["loss"]))
-    out["moved"] = _relative_difference(params, jax.device_get(single.params))
+    out["moved"] = relative_difference(params, jax.device_get(single.params))
     out["fc6_spec"] = str(state.params["classifier_1"]["kernel"].sharding.spec)
     return out
 
@@ -105,17 +92,20 @@ def result():
     return json_from_script_on_devices(__file__, DEVICES)
 
 
+@pytest.mark.slow
 def test_two_towers_give_the_single_device_logits(result):
     assert result["logits"] < TOLERANCE, result
     assert "Explicit" in result["explicit_axes"]
     assert result["explicit_logits"] < TOLERANCE, result
 
 
+@pytest.mark.slow
 def test_each_device_holds_its_towers_half(result):
     # conv2 is (5, 5, 48, 256) with 2 groups: each device holds its group's 128 kernels.
     assert result["conv2_shards"] == [[5, 5, 48, 128]]
 
 
+@pytest.mark.slow
 def test_towers_communicate_only_where_the_paper_did(result):
     # all-gathers before conv3, fc6 and fc7; fc8's halves summed; LRN's 2-channel halo both ways after conv1 and conv2.
     assert result["collectives"] == {
@@ -127,6 +117,7 @@ def test_towers_communicate_only_where_the_paper_did(result):
     }
 
 
+@pytest.mark.slow
 def test_a_training_step_with_data_parallel_towers_equals_the_single_device_step(result):
     assert result["mesh"] == {"data": 2, "model": 2}
     assert result["moved"] > 1e-4  # the step changed the parameters: the comparison is not vacuous

@@ -49,6 +49,8 @@ def params(flax_variables):
     return _copy(flax_variables(0, NUM_CLASSES)["params"])
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_two_steps_equal_torch_sgd_with_momentum_and_coupled_weight_decay(params):
     """Tolerance 1e-5 relative to each tensor's max: torch and XLA sum the conv/matmul gradients in different orders."""
     import torch
@@ -123,6 +125,7 @@ def test_plateau_drops_only_after_patience_without_improvement():
     ]
 
 
+@pytest.mark.slow
 def test_set_learning_rate_changes_the_next_update(params):
     model = AlexNet(num_classes=NUM_CLASSES)
     state = create_train_state(model, {"w": jnp.ones(3)}, make_optimizer(0.1, weight_decay=0.0), seed=0)
@@ -132,6 +135,7 @@ def test_set_learning_rate_changes_the_next_update(params):
     np.testing.assert_allclose(np.asarray(new.params["w"]), 1 - 0.01, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_dropout_key_depends_on_step_only(params):
     """Same state and batch at the same step give the same result; a different step gives another mask."""
     model = AlexNet(num_classes=NUM_CLASSES, conv_algorithm=LOOP_TESTS_CONV)
@@ -147,6 +151,7 @@ def test_dropout_key_depends_on_step_only(params):
     assert float(a["loss"]) != float(c["loss"])
 
 
+@pytest.mark.slow
 def test_freeze_features_updates_only_the_classifier(params):
     model = AlexNet(num_classes=NUM_CLASSES, conv_algorithm=LOOP_TESTS_CONV)
     state = create_train_state(model, _copy(params), make_optimizer(0.05, freeze_features=True), seed=0)
@@ -157,6 +162,7 @@ def test_freeze_features_updates_only_the_classifier(params):
         assert same == layer.startswith("features_"), layer
 
 
+@pytest.mark.slow  # test_model's replace_head test is the fast one
 def test_replace_head_keeps_the_body_and_resizes_the_head(params):
     new = replace_head(params, 3, seed=0)
     assert new["classifier_6"]["kernel"].shape == (4096, 3) and new["classifier_6"]["bias"].shape == (3,)
@@ -164,6 +170,7 @@ def test_replace_head_keeps_the_body_and_resizes_the_head(params):
     assert float(jnp.std(new["classifier_6"]["kernel"])) == pytest.approx((1 / 4096) ** 0.5, rel=0.1)
 
 
+@pytest.mark.slow  # the loop tests run eval_step on the tiny network in the fast loop
 def test_eval_step_sums_ignore_masked_examples(params):
     model = AlexNet(num_classes=NUM_CLASSES, conv_algorithm=LOOP_TESTS_CONV)
     state = create_train_state(model, _copy(params), make_optimizer(0.01), seed=0)

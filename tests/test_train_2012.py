@@ -29,7 +29,7 @@ from alexnet_jax.training.config import TrainConfig
 from alexnet_jax.training.loop import train_and_evaluate
 from alexnet_jax.training.metrics import read_metrics
 
-from helpers import run_python
+from helpers import COLOURS, colour_folder, run_python
 
 
 def _run_rule(rule: str, lrs: list[float], grads: list[np.ndarray], w0: np.ndarray, wd: float) -> np.ndarray:
@@ -124,15 +124,12 @@ def test_arch_defaults_and_refusals():
 
 
 def _folder(root: Path, per_class: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    for c, colour in enumerate(((220, 40, 40), (40, 40, 220))):
-        (root / f"class_{c}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(np.asarray(colour) + rng.normal(0, 30, (40, 48, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.png")
-    return root
+    # Two colour classes of small images, which the 2012 transforms resize to 256 first.
+    return colour_folder(root, per_class, seed, colours=(COLOURS[0], COLOURS[2]), shape=(40, 48), noise=30)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_cli_trains_the_2012_arch_on_two_devices_end_to_end(tmp_path):
     """examples/train.py --arch 2012, sharded over 2 CPU devices, ten-crop validation, colour PCA of the folder.
 

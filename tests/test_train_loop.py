@@ -1,4 +1,7 @@
-"""The training loop end to end: learning, SIGKILL/SIGTERM and exact resume, workdir ownership, CLI errors."""
+"""The training loop end to end: learning, SIGKILL/SIGTERM and exact resume, workdir ownership, CLI errors.
+
+On the tests' tiny network (`tiny_arch`): what is under test is the loop, not AlexNet's numbers.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +16,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
-from alexnet_jax import AlexNet, load_variables, save_variables
+from alexnet_jax import load_variables, save_variables
 from alexnet_jax.steps import create_train_state, init_params, make_optimizer
 from alexnet_jax.training.checkpoint import Checkpoints
 from alexnet_jax.training.config import TrainConfig
@@ -24,45 +26,18 @@ from alexnet_jax.training.metrics import read_metrics
 from alexnet_jax.training.recipe import lr_for_recipe
 from alexnet_jax.training.workdir import WorkdirBusyError, WorkdirLock
 
-from helpers import REPO, children, gone, run_python
-
-COLORS = ((220, 40, 40), (40, 200, 40), (40, 40, 220))  # one class per dominant colour: learnable in a few steps
-
-
-def _colour_folder(root: Path, per_class: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    for c, colour in enumerate(COLORS):
-        (root / f"class_{c}").mkdir(parents=True)
-        for i in range(per_class):
-            noise = rng.normal(0, 40, (64, 64, 3))
-            pixels = np.clip(np.asarray(colour) + noise, 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.png")
-    return root
+from helpers import REPO, TRAIN_TINY, gone, pythonpath_with_tests, run_python
+from tiny_arch import tiny_config, tiny_model, train_flags
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("colours")
-    return _colour_folder(root / "train", 8, 0), _colour_folder(root / "val", 3, 1)
+def data(colour_data, tiny):
+    """24 training and 9 validation images of 3 colours, with "tiny" registered for the module."""
+    return colour_data(8, 3)
 
 
-def _config(data, **kw) -> TrainConfig:
-    train, val = data
-    # XLA's convolution unless a test asks for the default: these tests are about the loop,
-    # and it compiles in a fraction of the Winograd layers' seconds.
-    defaults = dict(
-        data=str(train),
-        val_data=str(val),
-        epochs=2,
-        batch_size=6,
-        lr=0.01,
-        image_size=64,
-        save_every=3,
-        keep=1,
-        progress=False,
-        conv_algorithm="xla",
-    )
-    return TrainConfig(**{**defaults, **kw})
+def _config(data, **fields) -> TrainConfig:
+    return tiny_config(data, **{"epochs": 2, "batch_size": 6, "save_every": 3, **fields})
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +51,8 @@ def straight_run(data, tmp_path_factory):
 # Right after epoch 1's checkpoint (its metrics line must survive). A stop mid-epoch is the
 # SIGTERM test's (step 1), resumed bit-identically the same way.
 @pytest.mark.parametrize("kill_at", [2])
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_killed_and_resumed_run_ends_with_the_same_parameters(straight_run, tmp_path, kill_at):
     """Bit-exact: the resumed run replays the same batches, dropout keys and XLA programs on the same CPU."""
     config, straight_dir, straight = straight_run
@@ -83,12 +60,14 @@ def test_killed_and_resumed_run_ends_with_the_same_parameters(straight_run, tmp_
     script = (
         "import os, signal, sys\n"
         "from alexnet_jax import TrainConfig, train_and_evaluate\n"
+        "from tiny_arch import register\n"
+        "register()\n"
         "config = TrainConfig(**__import__('json').loads(sys.argv[1]))\n"
         "def kill(step):\n"
         f"    if step == {kill_at}: os.kill(os.getpid(), signal.SIGKILL)\n"
         "train_and_evaluate(config, sys.argv[2], on_checkpoint=kill)\n"
     )
-    run = run_python(["-c", script, json.dumps(dataclasses.asdict(config)), killed])
+    run = run_python(["-c", script, json.dumps(dataclasses.asdict(config)), killed], env=pythonpath_with_tests())
     assert run.returncode == -signal.SIGKILL, run.stderr
     assert not (killed / "final.msgpack").exists()
     assert Checkpoints(killed / "checkpoints").latest_step() == kill_at
@@ -114,26 +93,27 @@ def test_a_short_run_learns_and_writes_metrics_curves_and_weights(data, tmp_path
     assert load_variables(tmp_path / "final.msgpack")["params"]["classifier_6"]["kernel"].shape == (4096, 3)
 
 
+@pytest.mark.slow  # the fast loop keeps learning, fine-tuning and the workdir rules
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step (\d+) .*last good checkpoint is step"):
         train_and_evaluate(_config(data, lr=1e8, save_every=1), tmp_path)
     checkpoints = Checkpoints(tmp_path / "checkpoints")
     step = checkpoints.latest_step()
     assert step is not None and not (tmp_path / "final.msgpack").exists()
-    model = AlexNet(num_classes=3)
+    model = tiny_model(3)
     tx = make_optimizer(lr_for_recipe("torchvision", 1e8, steps_per_epoch=4))  # the run's optimizer structure
     template = create_train_state(model, init_params(model, seed=0), tx, seed=0)
     state, _ = checkpoints.restore(template)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
-def test_fine_tuning_replaces_the_head_and_can_freeze_the_features(data, tmp_path, flax_variables):
-    source = tmp_path / "imagenet_like.msgpack"
-    save_variables(source, flax_variables(0, 1000))
+def test_fine_tuning_replaces_the_head_and_can_freeze_the_features(data, tmp_path):
+    source, before = tmp_path / "imagenet_like.msgpack", init_params(tiny_model(1000), seed=1, image_size=64)
+    save_variables(source, {"params": before})
     train_and_evaluate(
         _config(data, epochs=1, save_every=0, init_from=str(source), freeze_features=True), tmp_path / "run"
     )
-    before, after = flax_variables(0, 1000)["params"], load_variables(tmp_path / "run" / "final.msgpack")["params"]
+    after = load_variables(tmp_path / "run" / "final.msgpack")["params"]
     assert after["classifier_6"]["kernel"].shape == (4096, 3)
     np.testing.assert_array_equal(after["features_0"]["kernel"], before["features_0"]["kernel"])
     assert not np.array_equal(after["classifier_4"]["kernel"], before["classifier_4"]["kernel"])
@@ -143,6 +123,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return run_python(["examples/train.py", *args], timeout=120)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_cli_reports_bad_input_in_one_line(data, tmp_path):
     train, val = data
     base = [
@@ -192,53 +174,65 @@ def test_an_unknown_conv_algorithm_is_refused_before_training(data, tmp_path):
 # The CLI in a child, with a real SIGTERM to itself once step 1 has run (the wrapped batch
 # iterator sends it when the loop asks for batch 2), its Grain worker's pid written down, and
 # the names of the shared memory it attached (registered with the resource tracker) at its end.
+# A file, not `python -c`: the Grain worker, a spawned process, imports it again as its
+# `__main__`, which registers "tiny" there too (see train_tiny.py).
 _SIGTERM_CHILD = """
-import contextlib, os, runpy, signal, sys
+import contextlib, os, signal, sys
 from multiprocessing import resource_tracker
 from pathlib import Path
-import alexnet_jax.training.loop as train
-# children()
 
-attached, register = [], resource_tracker.register
+from tiny_arch import register, run_train_script
 
-def record(name, rtype):
-    if rtype == "shared_memory":
-        attached.append(name)
-    register(name, rtype)
+register()
 
-resource_tracker.register = record
 
-def batches(*args, **kwargs):
-    with contextlib.closing(real(*args, **kwargs)) as inner:
-        for i, batch in enumerate(inner):
-            yield batch
-            if i == 0:
-                with open(pids_path, "w") as f:
-                    f.write(" ".join(map(str, children(os.getpid()))))
-                os.kill(os.getpid(), signal.SIGTERM)
+def main():
+    import alexnet_jax.training.loop as train
+    from helpers import children
 
-real, train.train_batches = train.train_batches, batches
-pids_path, names_path, sys.argv = sys.argv[1], sys.argv[2], ["examples/train.py", *sys.argv[3:]]
-try:
-    runpy.run_path("examples/train.py", run_name="__main__")
-finally:
-    Path(names_path).write_text(" ".join(attached))
+    attached, register_name = [], resource_tracker.register
+
+    def record(name, rtype):
+        if rtype == "shared_memory":
+            attached.append(name)
+        register_name(name, rtype)
+
+    resource_tracker.register = record
+
+    def batches(*args, **kwargs):
+        with contextlib.closing(real(*args, **kwargs)) as inner:
+            for i, batch in enumerate(inner):
+                yield batch
+                if i == 0:
+                    with open(pids_path, "w") as f:
+                        f.write(" ".join(map(str, children(os.getpid()))))
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+    real, train.train_batches = train.train_batches, batches
+    pids_path, names_path = sys.argv[1], sys.argv[2]
+    try:
+        run_train_script(sys.argv[3:])
+    finally:
+        Path(names_path).write_text(" ".join(attached))
+
+
+if __name__ == "__main__":
+    main()
 """
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigterm_saves_at_the_step_boundary_and_resume_is_bit_identical(straight_run, tmp_path):
     """Slurm, Kubernetes and preemptible VMs send SIGTERM: one line and nothing else, a checkpoint at step 1
     (which no rule saves), exit 143, the worker gone, no shared memory left, and --resume ends where the
     uninterrupted run did."""
-    import inspect
-
     config, straight_dir, straight = straight_run
     workdir, pids, names = tmp_path / "run", tmp_path / "workers.txt", tmp_path / "shared_memory.txt"
-    child = _SIGTERM_CHILD.replace("# children()\n", inspect.getsource(children))
-    args = ["--data", config.data, "--val-data", config.val_data, "--workdir", workdir, "--batch-size", "12"]
-    args += ["--epochs", "2", "--lr", "0.01", "--image-size", "64", "--save-every", "3", "--keep", "1"]
-    args += ["--no-progress", "--conv-algorithm", "xla", "--workers", "1"]
-    run = run_python(["-c", child, pids, names, *args], env={"PYTHONPATH": str(REPO)}, timeout=120)
+    child = tmp_path / "sigterm_child.py"
+    child.write_text(_SIGTERM_CHILD)
+    args = train_flags(dataclasses.replace(config, workers=1), workdir)
+    run = run_python([child, pids, names, *args], env=pythonpath_with_tests(), timeout=120)
     assert run.returncode == 143, run.stderr
     # The stop line alone: before, on a loaded machine, Python's resource tracker sometimes
     # added its two-line "leaked shared_memory" warning (data._unlink_shared_memory says why).
@@ -258,6 +252,7 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_is_bit_identical(straight
     assert resumed == {**straight, "final_variables": str(workdir / "final.msgpack")}
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_kept_unless_overwrite_is_asked(data, tmp_path):
     config = _config(data, epochs=1, save_every=0, batch_size=12)
     old = {"final.msgpack": b"weights of the earlier run", "metrics.jsonl": b'{"step": 9}\n'}
@@ -273,6 +268,7 @@ def test_a_finished_run_is_kept_unless_overwrite_is_asked(data, tmp_path):
     assert Checkpoints(tmp_path / "checkpoints").all_steps() == [2]
 
 
+@pytest.mark.slow  # a holder process; test_workdir_with_checkpoints_... is the fast workdir test
 def test_a_workdir_is_owned_by_one_run_at_a_time(data, tmp_path):
     """A second run is refused before it writes anything, naming the holder; a SIGKILLed holder leaves no stale lock."""
     import socket
@@ -309,31 +305,41 @@ def test_an_unwritable_workdir_is_refused_before_training(data):
         train_and_evaluate(_config(data), "/sys/alexnet-run")
 
 
-def _disk_of_50_mb() -> None:
-    # A full disk, faked (a small tmpfs needs root): writes past 50 MB fail with EFBIG, in
+# The tiny network's checkpoint (parameters and momentum, ~1.4 MB) is written as one file of ~1.3 MB.
+DISK_BYTES = 500_000
+
+
+def _small_disk() -> None:
+    # A full disk, faked (a small tmpfs needs root): writes past DISK_BYTES fail with EFBIG, in
     # TensorStore's C++ as in Python, once SIGXFSZ no longer kills the process.
     import resource
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000_000, resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_BYTES, resource.RLIM_INFINITY))
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_full_disk_during_a_checkpoint_is_one_line_from_the_cli(data, tmp_path):
-    """Before: 413 lines. Now one, naming the folder and the ~456 MB the checkpoint needs; nothing half-written."""
-    train, val = data
-    args = ["--data", train, "--val-data", val, "--workdir", tmp_path, "--batch-size", "12", "--epochs", "1"]
-    args += ["--lr", "0.01", "--image-size", "64", "--save-every", "1", "--no-progress", "--conv-algorithm", "xla"]
+    """Before: 413 lines. Now one, naming the folder and the size of the state it saves; nothing half-written."""
+    config = _config(data, epochs=1, batch_size=12, save_every=1)
     run = subprocess.run(
-        [sys.executable, REPO / "examples" / "train.py", *map(str, args), "--workers", "0"],
+        [sys.executable, TRAIN_TINY, *train_flags(config, tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
-        preexec_fn=_disk_of_50_mb,
+        preexec_fn=_small_disk,
     )
+    model = tiny_model(3)
+    tx = make_optimizer(lr_for_recipe("torchvision", config.lr, steps_per_epoch=2))  # the run's state structure
+    state = create_train_state(model, init_params(model, seed=0), tx, seed=0)
+    needed = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(state))  # as the checkpoint counts
+    assert needed > DISK_BYTES
     assert run.returncode == 1, run.stderr
     assert run.stderr.count("\n") == 1 and run.stderr.startswith(
-        f"error: {tmp_path / 'checkpoints' / '1'}: checkpoint not written (File too large); writing it needs about 4"
+        f"error: {tmp_path / 'checkpoints' / '1'}: checkpoint not written (File too large); "
+        f"writing it needs about {needed / 1e6:,.1f} MB, "
     ), run.stderr
     assert list((tmp_path / "checkpoints").iterdir()) == []
 

@@ -16,6 +16,8 @@ from alexnet_jax.models import winograd
 from alexnet_jax.models.layers import Conv
 from alexnet_jax.transforms.preprocess import preprocess_batch
 
+from helpers import slow_after
+
 
 @pytest.mark.parametrize("m, r", [(2, 3), (2, 5), (3, 3), (4, 3), (3, 5)])
 def test_transforms_compute_the_correlation_exactly(m, r):
@@ -60,7 +62,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("h, w, cin, cout, r, padding, tile", CASES)
+@pytest.mark.parametrize("h, w, cin, cout, r, padding, tile", slow_after(1, CASES, unpack=True))
 def test_conv_is_xla_conv_in_float64(h, w, cin, cout, r, padding, tile):
     rng = np.random.default_rng(h * w + r)
     with jax.enable_x64(True):
@@ -72,6 +74,7 @@ def test_conv_is_xla_conv_in_float64(h, w, cin, cout, r, padding, tile):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * float(jnp.abs(want).max()))
 
 
+@pytest.mark.slow  # the fast loop trains through Winograd (test_train_loop, conv_algorithm "auto")
 @pytest.mark.parametrize("h, w, cin, cout, r, padding, tile", CASES[:4])
 def test_conv_derivatives_are_xla_conv_derivatives(h, w, cin, cout, r, padding, tile):
     rng = np.random.default_rng(7)
@@ -99,6 +102,7 @@ def test_conv_derivatives_are_xla_conv_derivatives(h, w, cin, cout, r, padding, 
         (27, 64, 192, 5, jnp.bfloat16, 2),  # computed in float32 inside: as good as XLA's bf16 conv
     ],
 )
+@pytest.mark.slow
 def test_conv_error_against_float64_truth_is_bounded(h, cin, cout, r, dtype, bound):
     # AlexNet's layer shapes at batch 2, ReLU-like inputs, lecun-scaled kernels.
     rng = np.random.default_rng(0)
@@ -173,6 +177,7 @@ def test_algorithm_choice_reaches_the_graph(flax_variables, algorithm, dtype, xl
     assert _count(jaxpr.jaxpr, "conv_general_dilated") == xla_convs
 
 
+@pytest.mark.slow
 def test_algorithms_agree_on_logits(flax_variables, photos):
     variables = flax_variables()
     x = jnp.asarray(preprocess_batch(photos.values()))

@@ -33,16 +33,19 @@ class ConversionError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    """One AlexNet layout: its name, how errors call it, its linen model, its convolutions.
+    """One AlexNet layout: its name, how errors call it, its linen model, its convolutions, its classifier.
 
-    `convs`: (torch index, out channels, kernel, groups) per convolution; the classifier
-    (`classifier_1`, `_4`, `_6`) is the same in both layouts.
+    `convs`: (torch index, out channels, kernel, groups) per convolution; `classifier`:
+    (index, fan-in, fan-out) per dense layer, fan-out None for the head. Both of this
+    package's layouts have AlexNet's classifier (`CLASSIFIER`); a layout registered from
+    outside (`archs.register_arch`) may have its own.
     """
 
     name: str
     description: str
     model: type[nn.Module]
     convs: tuple[tuple[int, int, int, int], ...]
+    classifier: tuple[tuple[int, int, int | None], ...] = CLASSIFIER
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -70,13 +73,14 @@ def param_shapes(num_classes: int, architecture: str = "torchvision") -> dict[st
 
     Conv kernels are HWIO, (k, k, in/groups, out); dense kernels (in, out).
     """
+    layout = get_architecture(architecture)
     shapes: dict[str, tuple[int, ...]] = {}
     in_channels = 3
-    for index, out, kernel, groups in get_architecture(architecture).convs:
+    for index, out, kernel, groups in layout.convs:
         shapes[f"features_{index}/kernel"] = (kernel, kernel, in_channels // groups, out)
         shapes[f"features_{index}/bias"] = (out,)
         in_channels = out
-    for index, fan_in, fan_out in CLASSIFIER:
+    for index, fan_in, fan_out in layout.classifier:
         fan_out = num_classes if fan_out is None else fan_out
         shapes[f"classifier_{index}/kernel"] = (fan_in, fan_out)
         shapes[f"classifier_{index}/bias"] = (fan_out,)
