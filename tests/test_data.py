@@ -13,7 +13,7 @@ from PIL import Image
 
 from alexnet_jax import preprocess
 from alexnet_jax.training.pipeline import DataError, eval_batches, image_folder, train_batches
-from alexnet_jax.transforms.augment import eval_transform, random_resized_crop_box, train_transform
+from alexnet_jax.transforms.augment import eval_pixels, eval_transform, random_resized_crop_box, train_transform
 
 from helpers import children, gone, shared_memory
 
@@ -190,7 +190,7 @@ def test_eval_batches_cover_every_image_once_in_order_and_pad(folder):
     mask = np.concatenate([b["mask"] for b in batches])
     assert mask.tolist() == [1.0] * 15 + [0.0]
     assert labels[:15].tolist() == [label for _, label in data.samples]
-    first = eval_transform(Image.open(data.samples[0][0]), 64)
+    first = eval_pixels(Image.open(data.samples[0][0]), 64)
     np.testing.assert_array_equal(batches[0]["image"][0], first)
 
 

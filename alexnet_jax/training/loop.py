@@ -185,6 +185,7 @@ def _train(
         workers=config.workers,
         arch=run.arch,
         colour_pca=colour_pca,
+        decode=config.decode,
         **shard,
     )
     try:
@@ -231,6 +232,7 @@ def _train(
                         workers=config.workers,
                         arch=run.arch,
                         crops=config.eval_crops,
+                        decode=config.decode,
                         **shard,
                     ),
                     parallel.put_eval_batch,

@@ -19,8 +19,9 @@ from alexnet_jax.archs import Arch, get_arch
 from alexnet_jax.distributed.parallel import Parallel, make_parallel
 from alexnet_jax.steps import make_optimizer
 from alexnet_jax.training.config import TrainConfig
-from alexnet_jax.training.pipeline import ImageFolder, colour_pca_from_folder, image_folder, steps_per_epoch
+from alexnet_jax.training.pipeline import colour_pca_from_folder, steps_per_epoch
 from alexnet_jax.training.recipe import RECIPE_RULES, lr_for_recipe
+from alexnet_jax.training.sources import ImageFolder, ShardSet, open_data
 from alexnet_jax.transforms.augment import IMAGENET_PCA, ColourPCA
 
 
@@ -33,8 +34,8 @@ class Run:
     model: nn.Module  # the arch's, with the config's classes and conv algorithm; no parameters yet
     tx: optax.GradientTransformation  # the recipe's schedule, momentum rule and weight decay
     parallel: Parallel  # where the state and batches live, the compiled step
-    train_data: ImageFolder
-    val_data: ImageFolder  # indexed with the training set's classes
+    train_data: ImageFolder | ShardSet
+    val_data: ImageFolder | ShardSet  # indexed with the training set's classes
     steps_per_epoch: int  # full global batches per epoch (at least 1)
     colour_pca: str  # "imagenet", "folder" or "none": the config's choice, else the arch's
 
@@ -46,7 +47,7 @@ class Run:
 def resolve_run(config: TrainConfig) -> Run:
     """Check `config`, fill in its defaults, index the data and build the model, optimizer and device layout.
 
-    Reads the two folders' listings, no image. The checks run in this order: the config
+    Reads the two folders' listings (or the shards' manifests), no image. The checks run in this order: the config
     (`TrainConfig.validate`), the batch against the devices (before any data is read:
     a usage error), the folders, the number of classes, one batch per epoch.
     **Raises:** ValueError (config, a batch that does not split over the devices, fewer
@@ -56,8 +57,8 @@ def resolve_run(config: TrainConfig) -> Run:
     arch = get_arch(config.arch)
     config = config.with_arch_defaults()
     parallel = make_parallel(config.parallel, global_batch=config.batch_size, micro_steps=config.micro_batches)
-    train_data = image_folder(config.data)
-    val_data = image_folder(config.val_data, classes=train_data.classes)
+    train_data = open_data(config.data)
+    val_data = open_data(config.val_data, classes=train_data.classes)
     config = config.resolved(len(train_data.classes))
     if config.num_classes < len(train_data.classes):
         raise ValueError(

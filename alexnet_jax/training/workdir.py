@@ -27,7 +27,7 @@ import jax
 
 from alexnet_jax.distributed.parallel import over_processes
 from alexnet_jax.files import atomic_write_bytes
-from alexnet_jax.training.config import TrainConfig, run_defining
+from alexnet_jax.training.config import EARLIER_DEFAULTS, TrainConfig, run_defining
 from alexnet_jax.training.metrics import CURVES_FILE, METRICS_FILE
 
 LOCK_FILE = "run.lock"
@@ -126,8 +126,8 @@ def prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: in
         )
     if resume and config_path.is_file():
         saved = json.loads(config_path.read_text())
-        # A field missing from an older config.json had its default then.
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        # A field missing from an older config.json had its default then, or the earlier behaviour.
+        defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **EARLIER_DEFAULTS}
         changed = [
             f"{k} ({saved.get(k, defaults[k])!r} -> {getattr(config, k)!r})"
             for k in run_defining(config)

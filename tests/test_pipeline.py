@@ -1,0 +1,230 @@
+"""The input pipeline's pixels: uint8 batches normalized on the device, reduced JPEG decoding, packed shards,
+and workers started from a script without the `__main__` guard."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnet_jax.archs import ARCHS
+from alexnet_jax.cli import run as cli_run
+from alexnet_jax.steps import model_inputs
+from alexnet_jax.training.pack import pack_folder
+from alexnet_jax.training.pipeline import (
+    epoch_order,
+    eval_batches,
+    example_rng,
+    image_folder,
+    steps_per_epoch,
+    train_batches,
+)
+from alexnet_jax.training.sources import DataError, open_data, open_shards
+from alexnet_jax.transforms.augment import IMAGENET_PCA
+from alexnet_jax.transforms.images import open_image, reduce_on_decode
+
+from helpers import REPO, pythonpath_with_tests
+
+# Real photos as the JPEGs of an ImageNet-like folder: 500x375 and 375x500, quality 90.
+SIZES = ((500, 375), (375, 500))
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory, photos):
+    root = tmp_path_factory.mktemp("jpegs")
+    for i, (name, photo) in enumerate(sorted(photos.items())):
+        for j, size in enumerate(SIZES):
+            image = photo.resize(size, Image.BILINEAR)
+            folder = root / ("cat" if (i + j) % 2 else "dog")
+            folder.mkdir(exist_ok=True)
+            image.save(folder / f"{name}-{j}.jpg", quality=90)
+    return root
+
+
+def _float_batch(data, arch, size, seed, step, batch_size, colour_pca=None):
+    # What the pipeline handed over before its batches were uint8: the float transforms, noise added on the host.
+    per_epoch = steps_per_epoch(len(data), batch_size)
+    epoch, b = divmod(step, per_epoch)
+    images = []
+    for j, i in enumerate(epoch_order(len(data), seed, epoch)[b * batch_size : (b + 1) * batch_size]):
+        rng = example_rng(seed, epoch, step * batch_size + j)
+        x = arch.train_transform(Image.open(data.samples[i][0]), size, rng)
+        images.append(x if colour_pca is None else colour_pca.apply(x, rng))
+    return np.stack(images)
+
+
+@pytest.mark.parametrize(("arch", "size", "pca"), [("torchvision", 64, None), ("2012", 227, IMAGENET_PCA)])
+def test_uint8_batches_normalized_on_the_device_equal_the_float_pipeline(jpegs, arch, size, pca):
+    data, arch = image_folder(jpegs), ARCHS[arch]
+    batches = list(
+        train_batches(
+            data, batch_size=4, image_size=size, seed=3, num_steps=3, arch=arch, colour_pca=pca, decode="exact"
+        )
+    )
+    assert all(b["image"].dtype == np.uint8 for b in batches)
+    for step, batch in enumerate(batches):
+        expected = _float_batch(data, arch, size, 3, step, 4, pca)
+        ours = np.asarray(jax.jit(model_inputs)(batch))
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-6)  # float32 rounding of values up to ~2.6
+    evals = next(iter(eval_batches(data, batch_size=4, image_size=size, arch=arch, crops=10, decode="exact")))
+    expected = np.stack([arch.eval_transform(Image.open(p), size, 10) for p, _ in data.samples[:4]])
+    np.testing.assert_allclose(np.asarray(jax.jit(model_inputs)(evals)), expected, rtol=0, atol=2e-6)
+
+
+def test_reduced_decoding_keeps_boxes_flips_and_labels_and_bounds_the_pixel_difference(jpegs):
+    data = image_folder(jpegs)
+    with open_image(data.samples[0][0]) as image:  # a 375x500 JPEG
+        assert reduce_on_decode(image, 300, 300, 64, 64) == 0.25
+        assert image.size == (94, 125)  # decoded at 1/4: what the reduced path resizes from
+    with open_image(data.samples[0][0]) as image:
+        assert reduce_on_decode(image, 100, 100, 64, 64) == 1.0  # 1/2 would leave the box under 64 pixels
+
+    def batches(decode, **kw):
+        return list(train_batches(data, batch_size=4, image_size=64, seed=0, num_steps=4, decode=decode, **kw))
+
+    exact, reduced = batches("exact"), batches("reduced")
+    differ = 0
+    for a, b in zip(exact, reduced):
+        np.testing.assert_array_equal(a["label"], b["label"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+        diff = np.abs(a["image"].astype(np.int16) - b["image"].astype(np.int16))
+        # Per image: a box or a flip that differed would move most pixels by tens of levels.
+        assert diff.reshape(4, -1).mean(axis=1).max() < 2.0
+        assert np.percentile(diff, 99) <= 12
+        differ += int(diff.any())
+    assert differ  # the reduced decode did run
+    evals = [list(eval_batches(data, batch_size=8, image_size=64, decode=d))[0]["image"] for d in ("exact", "reduced")]
+    assert np.abs(evals[0].astype(np.int16) - evals[1]).mean() < 2.0
+    assert np.abs(evals[0].astype(np.int16) - evals[1]).any()
+
+
+def test_a_pack_reads_back_as_the_same_batches_as_its_folder(jpegs, tmp_path, capsys):
+    result = pack_folder(jpegs, tmp_path / "shards", shard_bytes=150_000)
+    assert result.images == 8 and result.shards > 1 and result.skipped == 0
+    folder, shards = image_folder(jpegs), open_data(tmp_path / "shards")
+    assert shards.classes == folder.classes and len(shards) == len(folder)
+    for decode in ("exact", "reduced"):
+        kw = {"batch_size": 4, "image_size": 64, "seed": 5, "num_steps": 4, "decode": decode}
+        for a, b in zip(train_batches(folder, **kw), train_batches(shards, **kw)):
+            for key in ("image", "label", "mask"):
+                np.testing.assert_array_equal(a[key], b[key])
+    kw = {"batch_size": 4, "image_size": 64, "seed": 5, "num_steps": 2}
+    for a, b in zip(train_batches(shards, workers=1, **kw), train_batches(shards, **kw)):  # readers in a worker
+        np.testing.assert_array_equal(a["image"], b["image"])
+    with pytest.raises(DataError, match="classes differ from the training set's"):
+        open_shards(tmp_path / "shards", classes=("cat", "cow"))
+
+
+def test_pack_reencodes_and_a_damaged_record_is_skipped_and_counted(jpegs, tmp_path, capsys):
+    source = tmp_path / "src"
+    for name in ("cat", "dog"):
+        (source / name).mkdir(parents=True)
+        for path in sorted((jpegs / name).glob("*.jpg"))[:2]:
+            (source / name / path.name).write_bytes(path.read_bytes())
+    (source / "cat" / "notes.jpg").write_bytes(b"not an image")  # skipped at pack time
+    broken = source / "dog" / "truncated.jpg"  # a readable header over missing data: found when decoded
+    broken.write_bytes((jpegs / "dog").glob("*.jpg").__next__().read_bytes()[:2000])
+    result = pack_folder(source, tmp_path / "small", max_side=100)
+    assert result.skipped == 2 and result.images == 4
+    assert "notes.jpg: not an image" in capsys.readouterr().err
+    shards = open_shards(tmp_path / "small")
+    sizes = {shards.open(i).size for i in range(len(shards))}
+    assert {max(s) for s in sizes} == {100}
+    square = pack_folder(source, tmp_path / "square", square=True)
+    assert {open_shards(tmp_path / "square").open(i).size for i in range(square.images)} == {(256, 256)}
+    assert square.skipped == 2
+    plain = pack_folder(source, tmp_path / "plain", shard_bytes=10**9)  # the truncated file's bytes, as they are
+    assert plain.skipped == 1  # only notes.jpg: the header of the truncated file reads
+    batches = list(eval_batches(open_shards(tmp_path / "plain"), batch_size=5, image_size=64))
+    assert sum(int(b["skipped"]) for b in batches) == 1
+    assert "record" in capsys.readouterr().err
+
+
+def test_damaged_or_foreign_shard_files_are_one_line_errors_naming_them(jpegs, tmp_path, capsys):
+    pack_folder(jpegs, tmp_path / "s")
+    shard = next((tmp_path / "s").glob("*.array_record"))
+    data = shard.read_bytes()
+    # Damaged in place (size unchanged): Riegeli's chunk hashes find it; the record is skipped and counted.
+    shard.write_bytes(data[:60_000] + b"\xff" * 100 + data[60_100:])
+    batches = list(eval_batches(open_shards(tmp_path / "s"), batch_size=8, image_size=64))
+    assert int(batches[0]["skipped"]) == 1 and batches[0]["mask"].sum() == 7
+    assert "damaged shard record (Corrupted Riegeli" in capsys.readouterr().err
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=rf"{shard}: \d+ bytes where manifest.json says {len(data)}: truncated"):
+        open_shards(tmp_path / "s")
+    shard.write_bytes(b"\0" * len(data))  # same size, not a shard
+    with pytest.raises(DataError, match=rf"{shard}: (not a readable ArrayRecord shard|0 records where)"):
+        open_shards(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(DataError, match="cannot be read as a shard manifest"):
+        open_shards(tmp_path / "s")
+
+
+def test_an_interrupted_pack_leaves_nothing_behind(jpegs, tmp_path, monkeypatch):
+    import alexnet_jax.training.pack as pack
+
+    calls = []
+
+    def interrupt(self, path):
+        calls.append(path)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return original(self, path)
+
+    original = pack._Encoder.__call__
+    monkeypatch.setattr(pack._Encoder, "__call__", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pack_folder(jpegs, tmp_path / "out", shard_bytes=100_000)
+    assert not (tmp_path / "out").exists()  # it made the folder, so it removes it, shards and all
+
+
+def test_pack_command_and_training_flags_take_shards(jpegs, tmp_path, capsys):
+    assert cli_run(["pack", str(jpegs), "--output", str(tmp_path / "p"), "--workers", "0", "--no-progress"]) == 0
+    assert "packed 8 images into 1 shard(s)" in capsys.readouterr().out
+    assert cli_run(["pack", str(jpegs), "--output", str(tmp_path / "p")]) == 1
+    assert "already exists and is not an empty folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_run(["pack", str(jpegs), "--output", str(tmp_path / "q"), "--arch", "2012", "--max-side", "300"])
+    assert "--max-side does not apply" in capsys.readouterr().err
+
+
+SCRIPT = """
+import sys
+from alexnet_jax.training.pipeline import image_folder, train_batches
+batches = train_batches(image_folder(sys.argv[1]), batch_size=4, image_size=64, seed=0, num_steps=1, workers=2)
+print(next(iter(batches))["image"].shape)
+"""
+
+
+@pytest.mark.slow
+def test_workers_started_at_a_scripts_top_level_are_one_line_not_a_cascade(jpegs, tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(jpegs)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env=pythonpath_with_tests(),
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("Traceback") == 1 and len(done.stderr.splitlines()) < 12
+    assert f"{script}:4 starts data worker processes at the top level of the script" in done.stderr
+    assert 'put that code under `if __name__ == "__main__":`' in done.stderr
+    guarded = tmp_path / "guarded.py"
+    body = "\n".join("    " + line for line in SCRIPT.strip().splitlines())
+    guarded.write_text(f'if __name__ == "__main__":\n{body}\n')
+    done = subprocess.run(
+        [sys.executable, str(guarded), str(jpegs)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env=pythonpath_with_tests(),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "(4, 64, 64, 3)" in done.stdout
