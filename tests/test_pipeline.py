@@ -26,7 +26,7 @@ from alexnet_jax.training.sources import DataError, open_data, open_shards
 from alexnet_jax.transforms.augment import IMAGENET_PCA
 from alexnet_jax.transforms.images import open_image, reduce_on_decode
 
-from helpers import REPO, pythonpath_with_tests
+from helpers import REPO, load_script, pythonpath_with_tests
 
 # Real photos as the JPEGs of an ImageNet-like folder: 500x375 and 375x500, quality 90.
 SIZES = ((500, 375), (375, 500))
@@ -228,3 +228,22 @@ def test_workers_started_at_a_scripts_top_level_are_one_line_not_a_cascade(jpegs
     )
     assert done.returncode == 0, done.stderr
     assert "(4, 64, 64, 3)" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_pipeline_benchmark_runs_and_reports_every_contender(tmp_path, torchvision):
+    output = tmp_path / "pipeline.json"
+    pipeline_benchmark = load_script(REPO / "benchmarks" / "pipeline.py")
+    argv = ["--images", "24", "--batch-size", "8", "--size", "64", "--workers", "0", "--output", str(output)]
+    assert pipeline_benchmark.main(argv) == 0
+    results = json.loads(output.read_text())
+    names = {row["pipeline"] for row in results["rows"]}
+    assert "torchvision ImageFolder + DataLoader" in names and "train_batches, uint8, reduced" in names
+    assert all(row["img_s"] > 0 for row in results["rows"]) and len(results["rows"]) == 6
+    assert set(results["profile_ms_per_image"]) == {
+        "open (header)",
+        "decode",
+        "crop + resize + flip",
+        "normalize (float32)",
+    }

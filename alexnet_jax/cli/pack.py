@@ -1,4 +1,4 @@
-"""Pack an ImageFolder into ArrayRecord shards that --data and --val-data read.
+"""Pack an ImageFolder into ArrayRecord shards that --data reads.
 
     alexnet-jax pack train/ --output train-shards/
     alexnet-jax pack train/ --output train-512/ --max-side 512      # re-encoded once, as FFCV stores ImageNet
