@@ -13,6 +13,7 @@ from PIL import Image
 from alexnet_jax.archs import ARCHS
 from alexnet_jax.cli import run as cli_run
 from alexnet_jax.steps import model_inputs
+from alexnet_jax.training.loop import train_and_evaluate
 from alexnet_jax.training.pack import pack_folder
 from alexnet_jax.training.pipeline import (
     epoch_order,
@@ -25,8 +26,10 @@ from alexnet_jax.training.pipeline import (
 from alexnet_jax.training.sources import DataError, open_data, open_shards
 from alexnet_jax.transforms.augment import IMAGENET_PCA
 from alexnet_jax.transforms.images import open_image, reduce_on_decode
+from alexnet_jax.weights.serialization import load_variables
 
 from helpers import REPO, load_script, pythonpath_with_tests
+from tiny_arch import tiny_config
 
 # Real photos as the JPEGs of an ImageNet-like folder: 500x375 and 375x500, quality 90.
 SIZES = ((500, 375), (375, 500))
@@ -189,6 +192,20 @@ def test_pack_command_and_training_flags_take_shards(jpegs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_run(["pack", str(jpegs), "--output", str(tmp_path / "q"), "--arch", "2012", "--max-side", "300"])
     assert "--max-side does not apply" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the fast loop keeps the batches' equality
+def test_a_run_on_shards_ends_with_the_parameters_of_a_run_on_its_folders(tiny, colour_data, tmp_path):
+    train, val = colour_data(8, 3)
+    shards = (pack_folder(train, tmp_path / "train").output, pack_folder(val, tmp_path / "val").output)
+    runs = [
+        train_and_evaluate(tiny_config(data, decode="exact"), tmp_path / name)
+        for name, data in (("folders", (train, val)), ("shards", shards))
+    ]
+    assert runs[0]["val_top1"] == runs[1]["val_top1"]
+    params = [load_variables(run["final_variables"])["params"] for run in runs]
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+        np.testing.assert_array_equal(a, b)
 
 
 SCRIPT = """
