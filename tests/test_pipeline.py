@@ -2,8 +2,6 @@
 and workers started from a script without the `__main__` guard."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -28,7 +26,7 @@ from alexnet_jax.transforms.augment import IMAGENET_PCA
 from alexnet_jax.transforms.images import open_image, reduce_on_decode
 from alexnet_jax.weights.serialization import load_variables
 
-from helpers import REPO, load_script, pythonpath_with_tests
+from helpers import REPO, load_script, pythonpath_with_tests, run_python
 from tiny_arch import tiny_config
 
 # Real photos as the JPEGs of an ImageNet-like folder: 500x375 and 375x500, quality 90.
@@ -220,14 +218,7 @@ print(next(iter(batches))["image"].shape)
 def test_workers_started_at_a_scripts_top_level_are_one_line_not_a_cascade(jpegs, tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text(SCRIPT)
-    done = subprocess.run(
-        [sys.executable, str(script), str(jpegs)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        env=pythonpath_with_tests(),
-    )
+    done = run_python([script, jpegs], env=pythonpath_with_tests(), timeout=120)
     assert done.returncode == 1
     assert done.stderr.count("Traceback") == 1 and len(done.stderr.splitlines()) < 12
     assert f"{script}:4 starts data worker processes at the top level of the script" in done.stderr
@@ -235,14 +226,7 @@ def test_workers_started_at_a_scripts_top_level_are_one_line_not_a_cascade(jpegs
     guarded = tmp_path / "guarded.py"
     body = "\n".join("    " + line for line in SCRIPT.strip().splitlines())
     guarded.write_text(f'if __name__ == "__main__":\n{body}\n')
-    done = subprocess.run(
-        [sys.executable, str(guarded), str(jpegs)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        env=pythonpath_with_tests(),
-    )
+    done = run_python([guarded, jpegs], env=pythonpath_with_tests(), timeout=120)
     assert done.returncode == 0, done.stderr
     assert "(4, 64, 64, 3)" in done.stdout
 
