@@ -228,9 +228,17 @@ def example_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
     return np.random.default_rng([seed, _AUGMENT, epoch, position])
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of the n training examples in `epoch`: a permutation drawn from (seed, epoch)."""
-    return np.random.default_rng([seed, _ORDER, epoch]).permutation(n)
+    """The order of the n training examples in `epoch`: a permutation drawn from (seed, epoch). Read-only.
+
+    Kept for the epoch (and the one before, for a batch at the boundary): every batch of the epoch
+    slices it, and drawing a permutation of ImageNet's 1.28M images anew for each batch would cost
+    a worker about as much as decoding a few images.
+    """
+    order = np.random.default_rng([seed, _ORDER, epoch]).permutation(n)
+    order.setflags(write=False)
+    return order
 
 
 def steps_per_epoch(n: int, global_batch_size: int) -> int:
