@@ -12,13 +12,16 @@ Images/s of RandomResizedCrop(224) + flip on the same files, each contender run 
   uint8) or the uint8 pixels (`augment.train_pixels`, exact and reduced decoding). What one
   core can do: the ceiling of a pipeline per core.
 - **train_batches**: `alexnet_jax.training.pipeline.train_batches` with `workers` processes (0:
-  two threads of this process), decode "exact" and "reduced", batches of uint8.
+  two threads of this process), decode "exact" and "reduced", batches of uint8. The reduced
+  decode only acts where a crop box is at least twice the output side: on 500x375 photos
+  cropped to 224 it rarely does, at smaller crops or on larger photos it mostly does.
 - **torchvision**: `ImageFolder` + `DataLoader(num_workers=W)` with `RandomResizedCrop`,
   `RandomHorizontalFlip`, `ToTensor`, `Normalize` (float32 batches), if torchvision imports.
 
 Also a profile of the bare loop's stages (header, decode, crop and resize, normalize) and the
 bytes of one batch as uint8 and as float32. Without --folder it writes --images ImageNet-like
-JPEGs (500x375 and 375x500, quality 90, 8 class folders) made from scikit-image's photos.
+JPEGs (500x375 and 375x500 by default, --photo-size; quality 90, 8 class folders) made from
+scikit-image's photos.
 Figures depend on the machine and its load: compare the rows of one run, not runs.
 """
 
@@ -42,6 +45,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=512, help="images to make without --folder (default 512)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--size", type=int, default=224, help="crop side (default 224)")
+    p.add_argument(
+        "--photo-size",
+        type=int,
+        nargs=2,
+        default=(500, 375),
+        metavar=("W", "H"),
+        help="size of the made photos, landscape (portrait ones are H x W; default 500 375)",
+    )
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts to time (default 0 1 2)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the images per timing (default 1)")
     p.add_argument("--no-torch", action="store_true", help="leave torchvision's DataLoader out")
@@ -49,8 +60,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_folder(root: Path, count: int, seed: int = 0) -> Path:
-    """`count` ImageNet-like JPEGs in 8 class folders: random crops of scikit-image's photos, 500x375 or 375x500."""
+def make_folder(root: Path, count: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """`count` ImageNet-like JPEGs in 8 class folders: random crops of scikit-image's photos, W x H or H x W."""
     from PIL import Image
     from skimage import data
 
@@ -62,8 +73,7 @@ def make_folder(root: Path, count: int, seed: int = 0) -> Path:
         w, h = photo.size
         cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
         left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        size = (500, 375) if i % 2 == 0 else (375, 500)
-        image = photo.crop((left, top, left + cw, top + ch)).resize(size, Image.BILINEAR)
+        image = photo.crop((left, top, left + cw, top + ch)).resize(size if i % 2 == 0 else size[::-1], Image.BILINEAR)
         folder = root / f"class{i % 8}"
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{i:05d}.jpg", quality=90)
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     from alexnet_jax.training.sources import image_folder
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.folder or make_folder(Path(tmp) / "photos", args.images)
+        root = args.folder or make_folder(Path(tmp) / "photos", args.images, tuple(args.photo_size))
         folder = image_folder(root)
         paths = [p for p, _ in folder.samples]
         cores = len(os.sched_getaffinity(0))
@@ -200,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [],
         }
 
-        def row(name: str, workers: int | None, rate: float | None) -> None:
+        def row(name: str, workers: int | None, rate: float | None, threads: int = 1) -> None:
+            # Per core: over the cores the contender can keep busy (its workers, or its threads).
             if rate is None:
                 return
-            used = 1 if workers in (None, 0) else min(workers, cores)
+            used = min(threads if workers in (None, 0) else workers, cores)
             results["rows"].append({"pipeline": name, "workers": workers, "img_s": rate, "img_s_per_core": rate / used})
             print(f"{name:<44} {'' if workers is None else workers:>7} {rate:9.1f} {rate / used:9.1f}", flush=True)
 
@@ -217,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         for workers in args.workers:
             for decode in ("exact", "reduced"):
-                row(f"train_batches, uint8, {decode}", workers, pipeline(folder, args, workers, decode))
+                # workers=0 decodes in two threads of this process (Pillow releases the GIL).
+                row(f"train_batches, uint8, {decode}", workers, pipeline(folder, args, workers, decode), threads=2)
             if not args.no_torch:
                 try:
                     row("torchvision ImageFolder + DataLoader", workers, torchvision_loader(Path(root), args, workers))
