@@ -351,3 +351,23 @@ def test_resume_drops_a_metrics_line_torn_by_a_kill(tmp_path):
     path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6, "val_lo')  # killed mid-append after step 6
     _truncate_metrics(path, 4)
     assert path.read_text() == '{"step": 2}\n{"step": 4}\n'
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_checkpoint_damaged_in_place_is_set_aside_in_one_line_and_the_run_resumes(data, tmp_path):
+    config, run = _config(data, batch_size=12, keep=3), tmp_path / "run"  # saves at steps 2, 3, 4
+    train_and_evaluate(config, run)
+    (run / "final.msgpack").unlink()  # a run stopped after its last checkpoint, before its results
+    (run / "curves.png").unlink()
+    newest = run / "checkpoints" / "4"
+    largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = largest.read_bytes()
+    middle = len(data) // 2  # 4 KiB overwritten in place: the file's size is unchanged
+    largest.write_bytes(data[:middle] + bytes(4096) + data[middle + 4096 :])
+    done = run_python([TRAIN_TINY, *train_flags(config, run), "--resume"], env=pythonpath_with_tests(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    err = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"warning: checkpoint {newest} is damaged"), done.stderr
+    assert "moved to damaged-4" in err[0]
+    assert Checkpoints(run / "checkpoints").all_steps() == [2, 3, 4]  # step 4 trained and saved again

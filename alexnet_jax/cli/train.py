@@ -181,12 +181,19 @@ def _drop_closed_loop_errors() -> None:
     # After a failed save or restore, TensorStore finishes its pending reads and writes on its
     # own threads and wakes Orbax's asyncio loop, already closed: Python reports each as an
     # unraisable "RuntimeError: Event loop is closed" with a traceback, after the one-line
-    # error. Only those go.
+    # error. The reads a failed restore abandoned are Orbax coroutines closed when collected
+    # ("Exception ignored in: <coroutine ...> GeneratorExit"), and asyncio logs the futures that
+    # gathered them ("exception was never retrieved"). The one-line warning or error said it
+    # all: only those go.
     default = sys.unraisablehook
 
     def hook(unraisable):
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        error, origin = unraisable.exc_value, unraisable.object
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        code = getattr(origin, "cr_code", None)
+        abandoned_read = isinstance(error, GeneratorExit) and code is not None and "orbax" in code.co_filename
+        if not (closed_loop or abandoned_read):
             default(unraisable)
 
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
