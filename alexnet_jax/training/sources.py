@@ -32,7 +32,7 @@ from typing import Any
 import msgpack
 from PIL import Image
 
-from alexnet_jax.transforms.images import ImageReadError, open_image, walk_images
+from alexnet_jax.transforms.images import ImageReadError, folder_identity, open_image, walk_images
 
 SHARDS_MANIFEST = "manifest.json"
 SHARDS_FORMAT = "alexnet-jax image shards"
@@ -84,8 +84,11 @@ def image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) 
         raise DataError(f"{root}: no class folders (expected the layout {root}/<class>/<image>)")
     _check_classes(root, found, classes)
     samples, empty = [], []
+    # Every class folder and the root count as indexed from the start: a link from one class into
+    # another, or up to the root, would index images again under a second label.
+    indexed = {folder_identity(root), *(folder_identity(root / name) for name in found)}
     for index, name in enumerate(found):
-        files = _image_files(root / name)
+        files = _image_files(root / name, indexed)
         if not files:
             empty.append(name)
         samples.extend((f, index) for f in files)
@@ -103,8 +106,8 @@ def _check_classes(root: Path, found: Sequence[str], classes: Sequence[str] | No
         )
 
 
-def _image_files(folder: Path) -> list[str]:
-    walk = walk_images(folder)
+def _image_files(folder: Path, indexed: set[tuple[int, int]]) -> list[str]:
+    walk = walk_images(folder, indexed=indexed)
     for problem in walk.problems:  # a training set that silently lost a folder would mislead
         print(f"warning: {problem}", file=sys.stderr, flush=True)
     return [str(path) for path in walk.images]

@@ -125,27 +125,38 @@ class Walk:
     problems: list[str] = field(default_factory=list)  # one line each: unreadable folders, link loops
 
 
-def walk_images(folder: str | os.PathLike) -> Walk:
+def folder_identity(path: str | os.PathLike) -> tuple[int, int]:
+    """(st_dev, st_ino) of the folder `path` leads to, links followed: equal for two paths to one folder."""
+    info = Path(path).stat()
+    return info.st_dev, info.st_ino
+
+
+def walk_images(folder: str | os.PathLike, *, indexed: set[tuple[int, int]] | None = None) -> Walk:
     """The image files under `folder`, recursively: a folder's files (sorted by name), then its sub-folders (sorted).
 
     Hidden files and folders (a leading dot) are left out. Links are followed, as
     torchvision's `ImageFolder` follows them, but a link back to a folder being walked
-    (a loop) is not entered again: it is reported once in `problems`. A sub-folder
-    that cannot be listed is reported there too and walked no further.
+    (a loop) is not entered again: it is reported once in `problems`. `indexed` holds the
+    identities (`folder_identity`) of folders that are, or will be, indexed elsewhere (the
+    other class folders of a data set, say): a link into one of them is reported and not
+    followed either, so no image is indexed twice; the walk adds every folder it enters. A
+    sub-folder that cannot be listed is reported there too and walked no further.
     """
     walk = Walk()
-    _walk(Path(folder), frozenset(), walk)
+    _walk(Path(folder), frozenset(), walk, set() if indexed is None else indexed)
     return walk
 
 
-def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], walk: Walk) -> None:
+def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], walk: Walk, indexed: set[tuple[int, int]]) -> None:
     try:
         info = folder.stat()
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as e:
         walk.problems.append(f"{folder}: cannot list the folder ({e.strerror or e})")
         return
-    ancestors = ancestors | {(info.st_dev, info.st_ino)}
+    identity = (info.st_dev, info.st_ino)
+    ancestors = ancestors | {identity}
+    indexed.add(identity)
     folders = []
     for entry in entries:
         if entry.name.startswith("."):
@@ -157,14 +168,17 @@ def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], walk: Walk) -> No
             (walk.images if is_image_name(path) else walk.other_files).append(path)
     for path in folders:
         try:
-            info = path.stat()
+            identity = folder_identity(path)
         except OSError as e:
             walk.problems.append(f"{path}: cannot list the folder ({e.strerror or e})")
             continue
-        if (info.st_dev, info.st_ino) in ancestors:
+        if identity in ancestors:
             walk.problems.append(f"{path}: a link back to {path.resolve()}, which contains it; not followed")
             continue
-        _walk(path, ancestors, walk)
+        if identity in indexed:
+            walk.problems.append(f"{path}: a link to {path.resolve()}, whose images are indexed already; not followed")
+            continue
+        _walk(path, ancestors, walk, indexed)
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
