@@ -149,11 +149,11 @@ def test_bytes_changed_in_place_are_never_restored_and_the_one_before_is(tmp_pat
     assert not any("Traceback" in line for line in err)
 
 
-# The child fakes a full disk with RLIMIT_FSIZE: a write past the limit fails with EFBIG
+# The child limits its files with RLIMIT_FSIZE: a write past the limit fails with EFBIG
 # ("File too large") once SIGXFSZ is ignored, in TensorStore's C++ writes as in Python's,
-# the way ENOSPC fails a write on a full disk. (A small tmpfs would need root.)
+# the way ENOSPC fails a write on a full disk (a small tmpfs would need root).
 _FULL_DISK_CHILD = """
-import resource, signal, sys
+import resource, signal, sys, time
 import flax.linen as nn, jax, jax.numpy as jnp
 from alexnet_jax.training.checkpoint import CheckpointError, Checkpoints
 from alexnet_jax.steps import create_train_state, make_optimizer
@@ -165,7 +165,10 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
 try:
     checkpoints.save(state, {})
-    checkpoints.wait()
+    # The training loop's check after every step: the failure surfaces without another save or a wait.
+    for _ in range(600):
+        checkpoints.check()
+        time.sleep(0.05)
 except CheckpointError as e:
     print(e)
     sys.exit(1)
@@ -178,5 +181,5 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_nothing_half_written(t
     assert run.returncode == 1, run.stderr
     assert run.stdout.count("\n") == 1, run.stdout
     assert f"{tmp_path / 'ck' / '0'}: checkpoint not written (File too large)" in run.stdout
-    assert "writing it needs about 4.2 MB" in run.stdout and "MB free there" in run.stdout
+    assert "writing it needs about 4.2 MB" in run.stdout and "file-size limit (0.2 MB, `ulimit -f`)" in run.stdout
     assert list((tmp_path / "ck").iterdir()) == []  # Orbax's temporary folder is gone

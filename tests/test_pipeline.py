@@ -2,6 +2,14 @@
 and workers started from a script without the `__main__` guard."""
 
 import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -26,7 +34,7 @@ from alexnet_jax.transforms.augment import IMAGENET_PCA
 from alexnet_jax.transforms.images import open_image, reduce_on_decode
 from alexnet_jax.weights.serialization import load_variables
 
-from helpers import REPO, load_script, pythonpath_with_tests, run_python
+from helpers import REPO, TRAIN_TINY, children, load_script, pythonpath_with_tests, run_python
 from tiny_arch import tiny_config
 
 # Real photos as the JPEGs of an ImageNet-like folder: 500x375 and 375x500, quality 90.
@@ -248,3 +256,83 @@ def test_pipeline_benchmark_runs_and_reports_every_contender(tmp_path, torchvisi
         "crop + resize + flip",
         "normalize (float32)",
     }
+
+
+def _tiny_cli(colour_data, tmp_path, *extra):
+    from tiny_arch import train_flags
+
+    config = tiny_config(colour_data(8, 3), epochs=1000, workers=1)
+    return [TRAIN_TINY, *train_flags(config, tmp_path / "run"), *extra]
+
+
+def _can_mount_a_private_tmpfs() -> str | None:
+    # What keeps this test from mounting a small /dev/shm of its own, or None.
+    if os.geteuid() != 0:
+        return "needs root to mount a small tmpfs at /dev/shm in a private mount namespace"
+    if shutil.which("unshare") is None:
+        return "needs util-linux's unshare"
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    return None if probe.returncode == 0 else "this machine refuses private mount namespaces (unshare -m)"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_dev_shm_too_small_for_the_workers_is_one_line_before_they_start(colour_data, tiny, tmp_path):
+    reason = _can_mount_a_private_tmpfs()
+    if reason:
+        pytest.skip(reason)
+    argv = " ".join(shlex.quote(str(a)) for a in [sys.executable, *_tiny_cli(colour_data, tmp_path)])
+    # Batches of 8 at 64 px are 96 KB: one worker holds up to 4 of them at once, more than 256 KB.
+    command = f"mount -t tmpfs -o size=256k tmpfs /dev/shm && exec {argv}"
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **pythonpath_with_tests()},
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        "error: 1 data worker(s) need about 384 KB of shared memory for batches of 96 KB, and /dev/shm has 256 KB "
+        "free: give it more room (Docker: --shm-size=2g; Kubernetes: an emptyDir volume with medium: Memory "
+        "mounted at /dev/shm), or use a smaller --batch-size, fewer --workers, or --workers 0"
+    ]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before the run began
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("sig", ["SIGBUS", "SIGKILL"])
+def test_a_data_worker_that_dies_ends_the_run_in_one_line_naming_the_cause(colour_data, tiny, tmp_path, sig):
+    run = subprocess.Popen(
+        [sys.executable, *map(str, _tiny_cli(colour_data, tmp_path))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **pythonpath_with_tests()},
+    )
+    try:
+        worker = None
+        for _ in range(300):  # the worker starts once the run has compiled its step
+            worker = next((pid for pid in children(run.pid) if _is_grain_worker(pid)), None)
+            if worker is not None or run.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert worker is not None, run.communicate(timeout=5)
+        time.sleep(1.0)  # mid-run
+        os.kill(worker, getattr(signal, sig))
+        _, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 1, err
+    lines = err.strip().splitlines()
+    cause = "shared memory (/dev/shm) ran out" if sig == "SIGBUS" else "most often by the out-of-memory killer"
+    assert len(lines) == 1 and lines[0].startswith("error: a data worker process") and cause in lines[0], err
+
+
+def _is_grain_worker(pid: int) -> bool:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return "spawn_main" in command and "resource_tracker" not in command

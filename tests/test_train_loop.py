@@ -337,9 +337,11 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_from_the_cli(data, tmp_path
     needed = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(state))  # as the checkpoint counts
     assert needed > DISK_BYTES
     assert run.returncode == 1, run.stderr
+    # EFBIG is the file-size limit, and the line says so (a full disk says "Free some space").
     assert run.stderr.count("\n") == 1 and run.stderr.startswith(
-        f"error: {tmp_path / 'checkpoints' / '1'}: checkpoint not written (File too large); "
-        f"writing it needs about {needed / 1e6:,.1f} MB, "
+        f"error: {tmp_path / 'checkpoints' / '1'}: checkpoint not written (File too large); a file may not grow "
+        f"past this process's file-size limit ({DISK_BYTES / 1e6:,.1f} MB, `ulimit -f`), and writing it needs "
+        f"about {needed / 1e6:,.1f} MB. Raise the limit"
     ), run.stderr
     assert list((tmp_path / "checkpoints").iterdir()) == []
 

@@ -54,7 +54,7 @@ def _host_copy(tree: Any) -> Any:
 
 
 def digests(tree: Any, dtypes: dict[str, str] | None = None) -> dict[str, str]:
-    """A BLAKE2b digest of every array of `tree` (its dtype, shape and bytes), by its path in the tree.
+    """A SHA-256 digest of every array of `tree` (its dtype, shape and bytes), by its path in the tree.
 
     Saved in each checkpoint's loop record and compared on restore: bytes damaged in place
     (a disk error, a bad copy, a stray write) that TensorStore would read back without a
@@ -69,7 +69,7 @@ def digests(tree: Any, dtypes: dict[str, str] | None = None) -> dict[str, str]:
         if dtypes and key in dtypes:
             array = array.astype(np.dtype(dtypes[key]), copy=False)
         array = np.ascontiguousarray(array)
-        h = hashlib.blake2b(digest_size=16)
+        h = hashlib.sha256()  # hardware-accelerated on current CPUs: about a second per GB
         h.update(array.view(np.uint8).reshape(-1) if array.size else b"")
         out[key] = f"{array.dtype.str}{list(array.shape)}:{h.hexdigest()}"
     return out
@@ -215,10 +215,21 @@ class Checkpoints:
         state = template.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"], rng=tree["rng"])
         return state, loop
 
+    def check(self) -> None:
+        """Raise now when the last asynchronous save has failed, instead of at the next save; waits for nothing.
+
+        **Raises:** CheckpointError as `save` does.
+        """
+        # Orbax keeps a failed save's error for the thread that finishes the save, which hands it to
+        # `wait_until_finished`: once no save is in progress, waiting costs nothing and raises it.
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self.wait()
+
     def wait(self) -> None:
         """Block until the last save is on disk. **Raises:** CheckpointError when it failed."""
         with _SaveErrors(self):
             self._manager.wait_until_finished()
+        self._pending = None  # on disk: nothing left to check
 
     def close(self) -> None:
         """Finish the last save and stop Orbax's threads. **Raises:** CheckpointError when that save failed."""
@@ -286,7 +297,7 @@ class _SaveErrors:
         checkpoints._manager.reload()
         code = _error_code(error)
         if code in NO_SPACE_ERRNOS:
-            message = no_space_message(folder, needed, f"checkpoint not written ({os.strerror(code)})")
+            message = no_space_message(folder, needed, f"checkpoint not written ({os.strerror(code)})", code)
         else:
             message = f"{folder}: checkpoint not written ({_reason(error)})"
         raise CheckpointError(message) from error

@@ -203,6 +203,7 @@ def _train(
             # Counted once the batch is trained: a stopped run's resume reads this batch again.
             loop["skipped"] += int(flags[:, 0].sum())
             state, metrics = parallel.step(state, parallel.put_batch(batch))
+            checkpoints.check()  # a save that failed in the background stops the run here, not a save later
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
                 good = checkpoints.latest_step()

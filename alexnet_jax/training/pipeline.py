@@ -32,6 +32,8 @@ import functools
 import gc
 import math
 import os
+import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -246,6 +248,64 @@ def steps_per_epoch(n: int, global_batch_size: int) -> int:
     return n // global_batch_size
 
 
+# Grain's buffer of finished batches per worker process (`MultiprocessingOptions`).
+PER_WORKER_BUFFER = 2
+SHARED_MEMORY = "/dev/shm"
+# What to do when /dev/shm is too small, in the words of the places it is set.
+_SHM_ADVICE = (
+    "give it more room (Docker: --shm-size=2g; Kubernetes: an emptyDir volume with medium: Memory mounted at "
+    "/dev/shm), or use a smaller --batch-size, fewer --workers, or --workers 0"
+)
+
+
+def shared_memory_needed(batch_bytes: int, workers: int) -> int:
+    """Bytes of /dev/shm `workers` processes can hold at once: each its buffer of batches plus the one it is
+    building, and the one the training loop holds."""
+    return (workers * (PER_WORKER_BUFFER + 1) + 1) * batch_bytes
+
+
+def check_shared_memory(batch_bytes: int, workers: int, folder: str = SHARED_MEMORY) -> None:
+    """Refuse in one line to start workers whose batches would not fit in `folder`'s free space.
+
+    Containers give /dev/shm 64 MB by default (Docker, Kubernetes); a worker that runs out of
+    it dies of SIGBUS halfway through a batch. Checked before any worker starts, so the run
+    ends before it began, with what to change.
+    **Raises:** DataError.
+    """
+    try:
+        info = os.statvfs(folder)
+    except OSError:
+        return  # no /dev/shm (not Linux): Python's shared memory lives elsewhere
+    free, needed = info.f_bavail * info.f_frsize, shared_memory_needed(batch_bytes, workers)
+    if needed > free:
+        raise DataError(
+            f"{workers} data worker(s) need about {_size(needed)} of shared memory for batches of "
+            f"{_size(batch_bytes)}, and {folder} has {_size(free)} free: {_SHM_ADVICE}"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
+
+
+def _worker_death(error: BaseException) -> str | None:
+    # Grain's "Worker process was terminated unexpectedly with exit code N" as one line with the likely cause.
+    match = re.search(r"terminated unexpectedly with exit code (-?\d+)", str(error))
+    if match is None:
+        return None
+    code = int(match.group(1))
+    if code == -signal.SIGBUS:
+        return f"a data worker process died of SIGBUS: shared memory ({SHARED_MEMORY}) ran out; {_SHM_ADVICE}"
+    if code == -signal.SIGKILL:
+        return (
+            "a data worker process was killed (SIGKILL), most often by the out-of-memory killer: use fewer "
+            "--workers or a smaller --batch-size, or give the job more memory"
+        )
+    if code < 0:
+        return f"a data worker process died of {signal.Signals(-code).name}"
+    return f"a data worker process exited with status {code}; its error is above"
+
+
 def _iterate(loader: _BatchLoader, start: int, stop: int, workers: int) -> Iterator[dict[str, np.ndarray]]:
     dataset = grain.MapDataset.range(start, stop).map(loader)
     if workers > 0:
@@ -255,7 +315,7 @@ def _iterate(loader: _BatchLoader, start: int, stop: int, workers: int) -> Itera
             flags.FLAGS.mark_as_parsed()
         # Each worker process builds whole batches; Grain hands them back in index order.
         iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=PER_WORKER_BUFFER),
             # Workers end with their parent (a killed run's would hold memory for good) and only when
             # it says so (not at the Ctrl-C or SIGTERM that reaches every process of a job).
             worker_init_fn=functools.partial(worker_init, os.getpid()),
@@ -264,9 +324,14 @@ def _iterate(loader: _BatchLoader, start: int, stop: int, workers: int) -> Itera
         # Threads in this process: Pillow releases the GIL while it decodes and resizes.
         iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
     iterator = iter(iterable)
+    died = None
     try:
         # map, not a loop variable: this generator holds no batch while the caller has it.
         yield from (map(_unlink_shared_memory, iterator) if workers > 0 else iterator)
+    except RuntimeError as e:
+        died = _worker_death(e)
+        if died is None:
+            raise
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
@@ -281,6 +346,10 @@ def _iterate(loader: _BatchLoader, start: int, stop: int, workers: int) -> Itera
             # that exits right after a stop would leave those unlinks to the resource tracker,
             # which does them with a warning after the stop line.
             wait_for_grain_unlinks()
+    if died is not None:
+        # Raised here, outside the handler: Grain's error and the batches its frames hold are
+        # collected by now, not at exit, where their clean-up would print tracebacks.
+        raise DataError(died)
 
 
 def _unlink_shared_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -362,7 +431,7 @@ def eval_batches(
     **Yields:** the same dicts as `train_batches` (without "colour"); with `crops=10` "image" is
     (B, 10, S, S, 3), TenCrop's crops of each image (`augment.ten_crop`).
     """
-    _check_batches(image_size, arch, batch_size, shard_count, decode, workers)
+    _check_batches(image_size, arch, batch_size, shard_count, decode, workers, crops)
     loader = _BatchLoader(
         folder,
         image_size,
@@ -377,10 +446,13 @@ def eval_batches(
     return _iterate(loader, 0, math.ceil(len(folder) / batch_size), workers)
 
 
-def _check_batches(image_size: int, arch: Arch, batch_size: int, shard_count: int, decode: str, workers: int) -> None:
+def _check_batches(
+    image_size: int, arch: Arch, batch_size: int, shard_count: int, decode: str, workers: int, crops: int = 1
+) -> None:
     check_image_size(image_size, arch)
     check_decode(decode)
     if batch_size % shard_count:
         raise DataError(f"batch size {batch_size} does not split over {shard_count} processes")
     if workers > 0:
         check_workers_can_start()
+        check_shared_memory(batch_size // shard_count * crops * image_size * image_size * 3, workers)

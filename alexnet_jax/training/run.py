@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
 import optax
 
 from alexnet_jax.archs import Arch, get_arch
 from alexnet_jax.distributed.parallel import Parallel, make_parallel
 from alexnet_jax.steps import make_optimizer
 from alexnet_jax.training.config import TrainConfig
-from alexnet_jax.training.pipeline import colour_pca_from_folder, steps_per_epoch
+from alexnet_jax.training.pipeline import check_shared_memory, colour_pca_from_folder, steps_per_epoch
 from alexnet_jax.training.recipe import RECIPE_RULES, lr_for_recipe
 from alexnet_jax.training.sources import ImageFolder, ShardSet, open_data
 from alexnet_jax.transforms.augment import IMAGENET_PCA, ColourPCA
@@ -65,6 +66,9 @@ def resolve_run(config: TrainConfig) -> Run:
             f"num-classes {config.num_classes} is less than the {len(train_data.classes)} class folders "
             f"in {config.data}"
         )
+    if config.workers > 0:  # before the workdir is touched: a container's small /dev/shm
+        largest = config.batch_size // jax.process_count() * config.eval_crops * config.image_size**2 * 3
+        check_shared_memory(largest, config.workers)
     per_epoch = steps_per_epoch(len(train_data), config.batch_size)
     if per_epoch == 0:
         raise ValueError(f"{config.data}: {len(train_data)} images is less than one batch of {config.batch_size}")
