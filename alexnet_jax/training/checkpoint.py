@@ -215,6 +215,20 @@ class Checkpoints:
         state = template.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"], rng=tree["rng"])
         return state, loop
 
+    def saving_step(self) -> int | None:
+        """The step of a save still being written in the background, or None."""
+        if self._pending is not None and self._manager.is_saving_in_progress():
+            return self._pending[0]
+        return None
+
+    def complete_steps(self) -> list[int]:
+        """The steps whose folders are complete on disk (Orbax renames a save's folder to its step when done),
+        read from the directory: what a later run sees, whatever this manager is still writing."""
+        try:
+            return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        except OSError:
+            return []
+
     def check(self) -> None:
         """Raise now when the last asynchronous save has failed, instead of at the next save; waits for nothing.
 

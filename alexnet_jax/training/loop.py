@@ -41,7 +41,7 @@ from alexnet_jax.training.metrics import CURVES_FILE, METRICS_FILE, plot_curves,
 from alexnet_jax.training.pipeline import eval_batches, train_batches
 from alexnet_jax.training.recipe import Plateau
 from alexnet_jax.training.run import Run, colour_pca_values, resolve_run
-from alexnet_jax.training.shutdown import StopRequested, StopSignals
+from alexnet_jax.training.shutdown import Interrupted, StoppedAtOnce, StopRequested, StopSignals
 from alexnet_jax.training.workdir import (
     CHECKPOINT_DIR,
     COLOUR_PCA_FILE,
@@ -121,6 +121,12 @@ def train_and_evaluate(
         checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, keep=run.config.keep)
         try:
             last = _train(run, workdir, checkpoints, resume, on_checkpoint, stop)
+        except Interrupted as e:
+            # A second signal: the user wants out now, so a save in progress is not waited for.
+            complete = checkpoints.complete_steps()
+            raise StoppedAtOnce(
+                e.signum, checkpoints.saving_step(), complete[-1] if complete else None, str(checkpoints.directory)
+            ) from None
         except BaseException:
             # Also when the workdir, the weights or a restore are refused. A failed save
             # was already raised; closing must not replace the error being raised.
