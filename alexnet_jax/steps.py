@@ -57,10 +57,29 @@ def scaled_lr(batch_size: int, base_lr: float = BASE_LR, base_batch_size: int = 
 
 
 def step_schedule(
-    lr: float, steps_per_epoch: int, *, step_epochs: int = LR_STEP_EPOCHS, gamma: float = LR_GAMMA
+    lr: float,
+    steps_per_epoch: int,
+    *,
+    step_epochs: int = LR_STEP_EPOCHS,
+    gamma: float = LR_GAMMA,
+    epoch_base: tuple[int, int] = (0, 0),
 ) -> optax.Schedule:
-    """torchvision's StepLR per epoch, as a function of the optimizer step: lr * gamma**(epoch // step_epochs)."""
-    return optax.exponential_decay(lr, transition_steps=step_epochs * steps_per_epoch, decay_rate=gamma, staircase=True)
+    """torchvision's StepLR per epoch, as a function of the optimizer step: lr * gamma**(epoch // step_epochs).
+
+    `epoch_base` (step, epoch): the epochs of `steps_per_epoch` steps count from that step, as
+    that epoch (a run resumed on data of another size); steps before it are not asked for.
+    """
+    if tuple(epoch_base) == (0, 0):
+        return optax.exponential_decay(
+            lr, transition_steps=step_epochs * steps_per_epoch, decay_rate=gamma, staircase=True
+        )
+    base_step, base_epoch = epoch_base
+
+    def schedule(count):
+        epoch = base_epoch + (jnp.asarray(count) - base_step) // steps_per_epoch
+        return lr * jnp.power(jnp.float32(gamma), (epoch // step_epochs).astype(jnp.float32))
+
+    return schedule
 
 
 def sgd_torch(learning_rate: float | optax.Schedule, momentum: float = MOMENTUM, weight_decay: float = 0.0):

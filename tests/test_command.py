@@ -36,6 +36,7 @@ PAPER = TrainConfig(
     colour_pca="folder",
     eval_crops=10,
     decode="exact",
+    allow_data_change=True,
     weight_decay=2e-4,
     lr_step_epochs=5,
     patience=2,

@@ -137,6 +137,11 @@ class TrainConfig:
         help="image-decoding processes; 0 decodes in threads of this process",
         cli_default=min(4, os.cpu_count() or 1) - 1,
     )
+    allow_data_change: bool = _setting(
+        False,
+        help="with --resume: go on although the training data changed since the run began (files added, removed "
+        "or changed); the run continues from the step resumed, a fresh epoch on the new data",
+    )
     save_every: int = _setting(1000, help="checkpoint every N steps, 0 for epoch ends only")
     keep: int = _setting(3, help="checkpoints kept besides the best")
     progress: bool = _setting(True, help="a progress bar")

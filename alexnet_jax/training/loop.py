@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,8 +41,9 @@ from alexnet_jax.training.config import TrainConfig
 from alexnet_jax.training.metrics import CURVES_FILE, METRICS_FILE, plot_curves, truncate_metrics
 from alexnet_jax.training.pipeline import eval_batches, train_batches
 from alexnet_jax.training.recipe import Plateau
-from alexnet_jax.training.run import Run, colour_pca_values, resolve_run
+from alexnet_jax.training.run import Run, colour_pca_values, make_tx, resolve_run
 from alexnet_jax.training.shutdown import Interrupted, StoppedAtOnce, StopRequested, StopSignals
+from alexnet_jax.training.sources import fingerprint
 from alexnet_jax.training.workdir import (
     CHECKPOINT_DIR,
     COLOUR_PCA_FILE,
@@ -148,7 +150,15 @@ def _train(
     """The loop of `train_and_evaluate`, once it owns the workdir and its checkpoint manager exists."""
     config, parallel, per_epoch = run.config, run.parallel, run.steps_per_epoch
     primary, shard = jax.process_index() == 0, {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
-    prepare_workdir(workdir, config, resume, checkpoints.latest_step())
+    latest = checkpoints.latest_step()
+    data_change = prepare_workdir(
+        workdir,
+        config,
+        resume,
+        latest,
+        data=fingerprint(run.train_data),
+        done_epochs=_done_epochs(checkpoints, latest) if resume else None,
+    )
 
     colour_pca = _colour_pca(run, workdir, primary)
     state = create_train_state(run.model, _initial_params(run), run.tx, seed=config.seed)
@@ -169,16 +179,34 @@ def _train(
     state = parallel.put_state(state)
     plateau = Plateau(**loop["plateau"])
     step = first_step = int(state.step)
+    if data_change is not None:
+        # Allowed: the new data's epochs count from here, the one in progress ends unfinished.
+        loop.update(epoch_base=[step, int(loop.get("epoch", 0))], epoch_loss=0.0, epoch_top1=0.0, epoch_steps=0)
+        if primary:
+            print(
+                f"warning: {config.data}: {data_change}; epoch {loop['epoch_base'][1] + 1} starts on the new data "
+                f"at step {step}",
+                file=sys.stderr,
+                flush=True,
+            )
+    # (step, epoch) where the current data began: (0, 0), or the resume that allowed a data change.
+    base_step, base_epoch = loop.setdefault("epoch_base", [0, 0])
+    if (base_step, base_epoch) != (0, 0):  # the schedule's epochs are the loop's (same optimizer state)
+        state = state.replace(tx=make_tx(config, per_epoch, (base_step, base_epoch)))
+    total_steps = base_step + (config.epochs - base_epoch) * per_epoch
+
+    def epoch_of(step: int) -> int:
+        return base_epoch + (step - base_step) // per_epoch
 
     def save(val_top1: float | None = None) -> None:
-        record = {**loop, "plateau": dataclasses.asdict(plateau), "epoch": step // per_epoch}
+        record = {**loop, "plateau": dataclasses.asdict(plateau), "epoch": epoch_of(step)}
         if checkpoints.save(state, record, val_top1=val_top1) and on_checkpoint is not None:
             checkpoints.wait()
             on_checkpoint(step)
 
     last: dict[str, Any] = {}
     bar = tqdm(
-        total=run.total_steps, initial=step, unit="step", disable=not (config.progress and primary), dynamic_ncols=True
+        total=total_steps, initial=step, unit="step", disable=not (config.progress and primary), dynamic_ncols=True
     )
     started, images = time.perf_counter(), 0
     batches = train_batches(
@@ -187,11 +215,12 @@ def _train(
         image_size=config.image_size,
         seed=config.seed,
         start_step=step,
-        num_steps=run.total_steps,
+        num_steps=total_steps,
         workers=config.workers,
         arch=run.arch,
         colour_pca=colour_pca,
         decode=config.decode,
+        epoch_base=(base_step, base_epoch),
         **shard,
     )
     try:
@@ -219,8 +248,7 @@ def _train(
                     else "no checkpoint was written yet"
                 )
                 raise NonFiniteLossError(
-                    f"loss is {loss} at step {step + 1} (epoch {step // per_epoch + 1}); stopped, {kept}. "
-                    "Try a lower --lr"
+                    f"loss is {loss} at step {step + 1} (epoch {epoch_of(step) + 1}); stopped, {kept}. Try a lower --lr"
                 )
             step += 1
             loop["epoch_loss"] += loss
@@ -229,7 +257,7 @@ def _train(
             images += config.batch_size
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / (time.perf_counter() - started):.1f}")
-            if step % per_epoch == 0:
+            if (step - base_step) % per_epoch == 0:
                 val = evaluate(
                     state,
                     eval_batches(
@@ -246,7 +274,7 @@ def _train(
                 )
                 last = {
                     "step": step,
-                    "epoch": step // per_epoch,
+                    "epoch": epoch_of(step),
                     "train_loss": loop["epoch_loss"] / loop["epoch_steps"],
                     "train_top1": loop["epoch_top1"] / loop["epoch_steps"],
                     "val_loss": val["loss"],
@@ -256,6 +284,8 @@ def _train(
                     "skipped_train": loop["skipped"],
                     "skipped_val": val["skipped"],
                 }
+                if data_change is not None:  # the first epoch on data changed at a resume says so, once
+                    last["data_changed"], data_change = data_change, None
                 if config.recipe == "paper" and plateau.update(val["top1"]):
                     state = parallel.put_state(set_learning_rate(state, current_learning_rate(state) * plateau.factor))
                 loop.update(epoch_loss=0.0, epoch_top1=0.0, epoch_steps=0)
@@ -283,6 +313,16 @@ def _train(
         save_variables(final, {"params": params})
         plot_curves(metrics_path, workdir / CURVES_FILE)
     return {**last, "final_variables": str(final)}
+
+
+def _done_epochs(checkpoints: Checkpoints, latest: int | None) -> int | None:
+    """The epochs the latest checkpoint had completed (from its loop record), or None when it cannot be read."""
+    if latest is None:
+        return None
+    try:
+        return int(checkpoints.loop_record(latest)["epoch"])
+    except Exception:  # noqa: BLE001 - a damaged record: the restore will set that checkpoint aside and say so
+        return None
 
 
 def _colour_pca(run: Run, workdir: Path, primary: bool) -> ColourPCA | None:

@@ -126,6 +126,7 @@ class _BatchLoader:
     crops: int = 1  # eval only: 1 or 10 crops per image
     colour_pca: ColourPCA | None = None  # train only: the paper's colour noise, drawn after the crop and flip
     decode: str = "reduced"  # `augment.DECODE_MODES`
+    epoch_base: tuple[int, int] = (0, 0)  # train only: (step, epoch) where this data began
 
     def _positions(self, step: int) -> tuple[int, np.ndarray]:
         # (epoch, sample indices of this process's part of global batch `step`, -1 for padding).
@@ -134,7 +135,9 @@ class _BatchLoader:
         if not self.train:
             idx = np.arange(step * global_batch + first, step * global_batch + first + self.batch_size)
             return 0, np.where(idx < len(self.source), idx, -1)
-        epoch, b = divmod(step, self.steps_per_epoch)
+        base_step, base_epoch = self.epoch_base
+        epoch, b = divmod(step - base_step, self.steps_per_epoch)
+        epoch += base_epoch
         order = epoch_order(len(self.source), self.seed, epoch)
         start = b * global_batch + first
         return epoch, order[start : start + self.batch_size]
@@ -378,6 +381,7 @@ def train_batches(
     arch: Arch = ARCHS["torchvision"],
     colour_pca: ColourPCA | None = None,
     decode: str = "reduced",
+    epoch_base: tuple[int, int] = (0, 0),
 ) -> Iterator[dict[str, np.ndarray]]:
     """Training batches for steps `start_step` .. `num_steps - 1`, across epochs, as uint8 pixels.
 
@@ -387,7 +391,9 @@ def train_batches(
     `arch` (an `archs.ARCHS` record) gives the transforms; `colour_pca` draws its noise for
     every image (after the crop and flip, from the same per-example generator); `decode`
     ("reduced" or "exact", `augment.DECODE_MODES`) says whether JPEGs may be decoded at a
-    reduced scale where the crop allows it.
+    reduced scale where the crop allows it. `epoch_base` (step, epoch) says where this data set
+    began in the run, when a resumed run was allowed to go on with changed data; step t is then
+    in epoch `epoch + (t - step) // steps per epoch`.
     The steps (`steps.train_step`, the parallel ones) normalize the pixels and add the noise
     on the device (`steps.model_inputs`).
     **Yields:** {"image": uint8 (B, S, S, 3), "label": int32 (B,), "mask": float32 (B,),
@@ -410,6 +416,7 @@ def train_batches(
         shard_count,
         colour_pca=colour_pca,
         decode=decode,
+        epoch_base=tuple(epoch_base),
     )
     return _iterate(loader, start_step, num_steps, workers)
 

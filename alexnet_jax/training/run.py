@@ -40,10 +40,6 @@ class Run:
     steps_per_epoch: int  # full global batches per epoch (at least 1)
     colour_pca: str  # "imagenet", "folder" or "none": the config's choice, else the arch's
 
-    @property
-    def total_steps(self) -> int:
-        return self.config.epochs * self.steps_per_epoch
-
 
 def resolve_run(config: TrainConfig) -> Run:
     """Check `config`, fill in its defaults, index the data and build the model, optimizer and device layout.
@@ -72,12 +68,7 @@ def resolve_run(config: TrainConfig) -> Run:
     per_epoch = steps_per_epoch(len(train_data), config.batch_size)
     if per_epoch == 0:
         raise ValueError(f"{config.data}: {len(train_data)} images is less than one batch of {config.batch_size}")
-    tx = make_optimizer(
-        lr_for_recipe(config.recipe, config.lr, per_epoch, step_epochs=config.lr_step_epochs),
-        weight_decay=config.weight_decay,
-        freeze_features=config.freeze_features,
-        rule=RECIPE_RULES[config.recipe],
-    )
+    tx = make_tx(config, per_epoch)
     return Run(
         config=config,
         arch=arch,
@@ -102,3 +93,19 @@ def colour_pca_values(run: Run, *, progress: bool = False) -> ColourPCA | None:
     if run.colour_pca == "imagenet":
         return IMAGENET_PCA
     return colour_pca_from_folder(run.train_data, seed=run.config.seed, progress=progress)
+
+
+def make_tx(config: TrainConfig, steps_per_epoch: int, epoch_base: tuple[int, int] = (0, 0)):
+    """The optimizer of a resolved `config`: its recipe's schedule, momentum rule and weight decay.
+
+    `epoch_base` (step, epoch) where the current data began (a run resumed on changed data), so
+    that the schedule's epochs are the loop's.
+    """
+    return make_optimizer(
+        lr_for_recipe(
+            config.recipe, config.lr, steps_per_epoch, step_epochs=config.lr_step_epochs, epoch_base=epoch_base
+        ),
+        weight_decay=config.weight_decay,
+        freeze_features=config.freeze_features,
+        rule=RECIPE_RULES[config.recipe],
+    )

@@ -22,6 +22,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -29,10 +30,12 @@ from alexnet_jax.distributed.parallel import over_processes
 from alexnet_jax.files import atomic_write_bytes
 from alexnet_jax.training.config import EARLIER_DEFAULTS, TrainConfig, run_defining
 from alexnet_jax.training.metrics import CURVES_FILE, METRICS_FILE
+from alexnet_jax.training.sources import fingerprint_change
 
 LOCK_FILE = "run.lock"
 FINAL_VARIABLES_FILE = "final.msgpack"
 CONFIG_FILE = "config.json"
+DATA_FILE = "data.json"  # the training data's fingerprint, checked on --resume
 COLOUR_PCA_FILE = "colour_pca.json"
 CHECKPOINT_DIR = "checkpoints"
 # What a finished run leaves: never replaced without --resume or --overwrite. (config.json
@@ -109,7 +112,23 @@ def remove_results(workdir: str | os.PathLike, names: tuple[str, ...]) -> None:
             path.unlink(missing_ok=True)
 
 
-def prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: int | None) -> None:
+def prepare_workdir(
+    workdir: Path,
+    config: TrainConfig,
+    resume: bool,
+    latest: int | None,
+    *,
+    data: dict[str, Any] | None = None,
+    done_epochs: int | None = None,
+) -> str | None:
+    """Check that `workdir` can hold this run (a new one, or the same run resumed), then write its config.json and
+    the training data's `fingerprint` (data.json).
+
+    A resumed run must have the same run-defining settings, more `--epochs` than the `done_epochs`
+    its latest checkpoint completed, and the same training data (unless `config.allow_data_change`).
+    **Returns:** what changed in the training data since the run began (allowed), or None.
+    **Raises:** FileNotFoundError, FileExistsError, ValueError, each one line; nothing is written then.
+    """
     config_path = workdir / CONFIG_FILE
     if resume and latest is None:
         raise FileNotFoundError(f"{workdir}: no checkpoint to resume from (start without --resume)")
@@ -135,8 +154,25 @@ def prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: in
         ]
         if changed:
             raise ValueError(f"{workdir}: cannot resume exactly with a different {', '.join(changed)}")
+    if resume and done_epochs is not None and config.epochs <= done_epochs:
+        raise ValueError(
+            f"{workdir}: {done_epochs} epoch(s) are done already, so --epochs {config.epochs} leaves nothing to "
+            f"train; pass --epochs {done_epochs + 1} or more to go on"
+        )
+    data_path, change = workdir / DATA_FILE, None
+    if resume and data is not None and data_path.is_file():
+        change = fingerprint_change(json.loads(data_path.read_text()), data)
+        if change is not None and not config.allow_data_change:
+            raise ValueError(
+                f"{config.data}: the training data changed since this run began ({change}), so a resumed run would "
+                "not read the batches it would have read; restore the data, or pass --allow-data-change to go on "
+                "with the new data from the step resumed"
+            )
     if jax.process_index() == 0:
         atomic_write_bytes(config_path, (json.dumps(dataclasses.asdict(config), indent=2) + "\n").encode())
+        if data is not None and (change is not None or not data_path.is_file() or not resume):
+            atomic_write_bytes(data_path, (json.dumps(data, indent=2) + "\n").encode())
+    return change
 
 
 @contextlib.contextmanager
@@ -153,7 +189,7 @@ def own_workdir(workdir: Path, overwrite: bool):
     try:
         if overwrite:
             if jax.process_index() == 0:
-                remove_results(workdir, (CHECKPOINT_DIR, CONFIG_FILE, *RESULT_FILES))
+                remove_results(workdir, (CHECKPOINT_DIR, CONFIG_FILE, DATA_FILE, *RESULT_FILES))
             over_processes(0)  # the others wait until it is cleared
         yield
     finally:
