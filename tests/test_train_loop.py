@@ -416,3 +416,13 @@ def test_allowed_data_change_goes_on_with_consistent_epochs_and_says_so(data, tm
     # Resuming again keeps the new arithmetic: the data now is what data.json records.
     again = train_and_evaluate(dataclasses.replace(more, epochs=5, allow_data_change=False), workdir, resume=True)
     assert again["epoch"] == 5 and read_metrics(workdir / "metrics.jsonl")[-1]["step"] == 13
+
+
+def test_half_precision_weights_are_cast_for_training_in_one_line(data, tmp_path, capsys):
+    source = tmp_path / "half.msgpack"
+    params = init_params(tiny_model(3), seed=1, image_size=64)
+    save_variables(source, {"params": jax.tree.map(lambda x: np.asarray(x).astype(np.float16), params)})
+    train_and_evaluate(_config(data, epochs=1, save_every=0, init_from=str(source)), tmp_path / "run")
+    assert f"warning: {source}: weights stored as float16; cast to float32 for training" in capsys.readouterr().err
+    final = load_variables(tmp_path / "run" / "final.msgpack")["params"]
+    assert {np.asarray(leaf).dtype for leaf in jax.tree.leaves(final)} == {np.dtype(np.float32)}

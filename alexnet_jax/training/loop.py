@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 from alexnet_jax.distributed.parallel import over_processes, sum_over_processes
@@ -66,10 +68,32 @@ def _initial_params(run: Run) -> dict[str, Any]:
     params = load_variables(config.init_from, device=False)["params"]
     # Weights of the other architecture would fail deep inside the first step: say so here.
     check_variables(params, run.arch.name)
+    params = _as_param_dtype(params, np.dtype(getattr(run.model, "param_dtype", np.float32)), config.init_from)
     if params["classifier_6"]["kernel"].shape[1] != config.num_classes:
         # Fine-tuning: keep the body, draw a new head for this data set's classes.
         params = replace_head(params, config.num_classes, seed=config.seed)
     return params
+
+
+def _as_param_dtype(params: Any, dtype: np.dtype, source: str) -> Any:
+    """`params` with every floating array in the model's parameter dtype, and one line when that cast any.
+
+    Weights stored in float16 or bfloat16 would otherwise train in it: most SGD updates of a
+    fine-tuning rate round away below half precision's resolution, and the result is saved so.
+    """
+    found = {str(np.asarray(leaf).dtype) for leaf in jax.tree.leaves(params)}
+    cast = sorted(d for d in found if d != dtype.name and jnp.issubdtype(np.dtype(d), jnp.floating))
+    if not cast:
+        return params
+    print(
+        f"warning: {source}: weights stored as {', '.join(cast)}; cast to {dtype.name} for training",
+        file=sys.stderr,
+        flush=True,
+    )
+    return jax.tree.map(
+        lambda leaf: np.asarray(leaf).astype(dtype) if jnp.issubdtype(np.asarray(leaf).dtype, jnp.floating) else leaf,
+        params,
+    )
 
 
 def evaluate(state: TrainState, batches, put: Callable[[dict], dict] = dict) -> dict[str, float]:
