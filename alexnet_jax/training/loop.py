@@ -50,8 +50,10 @@ from alexnet_jax.training.workdir import (
     CHECKPOINT_DIR,
     COLOUR_PCA_FILE,
     FINAL_VARIABLES_FILE,
+    check_epochs_left,
+    check_workdir,
     own_workdir,
-    prepare_workdir,
+    write_run_files,
 )
 from alexnet_jax.transforms.augment import ColourPCA
 from alexnet_jax.weights.serialization import load_variables, save_variables
@@ -174,15 +176,8 @@ def _train(
     """The loop of `train_and_evaluate`, once it owns the workdir and its checkpoint manager exists."""
     config, parallel, per_epoch = run.config, run.parallel, run.steps_per_epoch
     primary, shard = jax.process_index() == 0, {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
-    latest = checkpoints.latest_step()
-    data_change = prepare_workdir(
-        workdir,
-        config,
-        resume,
-        latest,
-        data=fingerprint(run.train_data),
-        done_epochs=_done_epochs(checkpoints, latest) if resume else None,
-    )
+    data = fingerprint(run.train_data)
+    data_change = check_workdir(workdir, config, resume, checkpoints.latest_step(), data=data)
 
     colour_pca = _colour_pca(run, workdir, primary)
     state = create_train_state(run.model, _initial_params(run), run.tx, seed=config.seed)
@@ -195,9 +190,12 @@ def _train(
     }
     metrics_path = workdir / METRICS_FILE
     if resume:
-        state, loop = checkpoints.restore(state)
-        if primary:
-            truncate_metrics(metrics_path, int(state.step))
+        state, loop = checkpoints.restore(state)  # the newest intact checkpoint: its epochs are the ones done
+        check_epochs_left(workdir, config, int(loop.get("epoch", 0)))
+    # Checked: from here on the workdir is this run's.
+    write_run_files(workdir, config, data, replace_data=not resume or data_change is not None)
+    if resume and primary:
+        truncate_metrics(metrics_path, int(state.step))
     elif metrics_path.exists() and primary:
         metrics_path.unlink()
     state = parallel.put_state(state)
@@ -337,16 +335,6 @@ def _train(
         save_variables(final, {"params": params})
         plot_curves(metrics_path, workdir / CURVES_FILE)
     return {**last, "final_variables": str(final)}
-
-
-def _done_epochs(checkpoints: Checkpoints, latest: int | None) -> int | None:
-    """The epochs the latest checkpoint had completed (from its loop record), or None when it cannot be read."""
-    if latest is None:
-        return None
-    try:
-        return int(checkpoints.loop_record(latest)["epoch"])
-    except Exception:  # noqa: BLE001 - a damaged record: the restore will set that checkpoint aside and say so
-        return None
 
 
 def _colour_pca(run: Run, workdir: Path, primary: bool) -> ColourPCA | None:

@@ -112,22 +112,15 @@ def remove_results(workdir: str | os.PathLike, names: tuple[str, ...]) -> None:
             path.unlink(missing_ok=True)
 
 
-def prepare_workdir(
-    workdir: Path,
-    config: TrainConfig,
-    resume: bool,
-    latest: int | None,
-    *,
-    data: dict[str, Any] | None = None,
-    done_epochs: int | None = None,
+def check_workdir(
+    workdir: Path, config: TrainConfig, resume: bool, latest: int | None, *, data: dict[str, Any] | None = None
 ) -> str | None:
-    """Check that `workdir` can hold this run (a new one, or the same run resumed), then write its config.json and
-    the training data's `fingerprint` (data.json).
+    """Check, writing nothing, that `workdir` can hold this run: a new one, or the same run resumed.
 
-    A resumed run must have the same run-defining settings, more `--epochs` than the `done_epochs`
-    its latest checkpoint completed, and the same training data (unless `config.allow_data_change`).
+    A resumed run must have the same run-defining settings and the same training data (its
+    `fingerprint`, unless `config.allow_data_change`). Then `write_run_files`.
     **Returns:** what changed in the training data since the run began (allowed), or None.
-    **Raises:** FileNotFoundError, FileExistsError, ValueError, each one line; nothing is written then.
+    **Raises:** FileNotFoundError, FileExistsError, ValueError, each one line.
     """
     config_path = workdir / CONFIG_FILE
     if resume and latest is None:
@@ -154,11 +147,6 @@ def prepare_workdir(
         ]
         if changed:
             raise ValueError(f"{workdir}: cannot resume exactly with a different {', '.join(changed)}")
-    if resume and done_epochs is not None and config.epochs <= done_epochs:
-        raise ValueError(
-            f"{workdir}: {done_epochs} epoch(s) are done already, so --epochs {config.epochs} leaves nothing to "
-            f"train; pass --epochs {done_epochs + 1} or more to go on"
-        )
     data_path, change = workdir / DATA_FILE, None
     if resume and data is not None and data_path.is_file():
         change = fingerprint_change(json.loads(data_path.read_text()), data)
@@ -168,11 +156,25 @@ def prepare_workdir(
                 "not read the batches it would have read; restore the data, or pass --allow-data-change to go on "
                 "with the new data from the step resumed"
             )
-    if jax.process_index() == 0:
-        atomic_write_bytes(config_path, (json.dumps(dataclasses.asdict(config), indent=2) + "\n").encode())
-        if data is not None and (change is not None or not data_path.is_file() or not resume):
-            atomic_write_bytes(data_path, (json.dumps(data, indent=2) + "\n").encode())
     return change
+
+
+def check_epochs_left(workdir: Path, config: TrainConfig, done_epochs: int) -> None:
+    """**Raises:** ValueError, one line, when a resumed run's checkpoint has done `config.epochs` already."""
+    if config.epochs <= done_epochs:
+        raise ValueError(
+            f"{workdir}: {done_epochs} epoch(s) are done already, so --epochs {config.epochs} leaves nothing to "
+            f"train; pass --epochs {done_epochs + 1} or more to go on"
+        )
+
+
+def write_run_files(workdir: Path, config: TrainConfig, data: dict[str, Any] | None, *, replace_data: bool) -> None:
+    """config.json, and the training data's fingerprint (data.json) when there is none or `replace_data`."""
+    if jax.process_index() == 0:
+        atomic_write_bytes(workdir / CONFIG_FILE, (json.dumps(dataclasses.asdict(config), indent=2) + "\n").encode())
+        data_path = workdir / DATA_FILE
+        if data is not None and (replace_data or not data_path.is_file()):
+            atomic_write_bytes(data_path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 @contextlib.contextmanager
