@@ -1,4 +1,4 @@
-"""Write AlexNet (or its trunk, or LPIPS) as a jax.export or ONNX file.
+"""Write AlexNet, its trunk or LPIPS as a jax.export or ONNX file.
 
     alexnet-jax export --weights alexnet.msgpack --format onnx --output alexnet.onnx
     alexnet-jax export --weights alexnet.msgpack --format stablehlo --output alexnet.jax_exported \

@@ -296,7 +296,7 @@ def read_torch_file(path: str | os.PathLike) -> Any:
             names = archive.namelist()
             pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
-                raise TorchFileError("truncated or corrupt (no data.pkl in the archive)")
+                raise TorchFileError("a zip archive, but not torch.save's (no <name>/data.pkl in it)")
             prefix = pickles[0][: -len("data.pkl")]
             order = "little"
             if f"{prefix}byteorder" in names:
@@ -315,12 +315,11 @@ def read_torch_file(path: str | os.PathLike) -> Any:
                     entry = f"{prefix}data/{key}"
                     if entry not in names:
                         raise TorchFileError(f"truncated or corrupt (storage {key} is missing)")
-                    raw = archive.read(entry)
                     dtype = storage.dtype.newbyteorder("<" if order == "little" else ">")
-                    if len(raw) != numel * dtype.itemsize:
-                        raise TorchFileError(
-                            f"truncated or corrupt (storage {key}: {len(raw)} bytes for {numel} elements)"
-                        )
+                    size = archive.getinfo(entry).file_size  # checked before reading: no decompression bomb
+                    if size != numel * dtype.itemsize:
+                        raise TorchFileError(f"truncated or corrupt (storage {key}: {size} bytes for {numel} elements)")
+                    raw = archive.read(entry)
                     storages[key] = np.frombuffer(raw, dtype).astype(storage.dtype, copy=False)
                 array = storages[key]
                 if array.dtype != storage.dtype:
