@@ -208,19 +208,23 @@ def test_bad_files_are_refused_the_same_way_without_torch(files):
 
 
 _CONVERT_WITHOUT_TORCH = """
-import sys
+import shutil, sys
 sys.modules["torch"] = None
-from alexnet_jax import cli
-from alexnet_jax.weights.torchvision import fetch_state_dict
+from alexnet_jax import cli, load_model
+from alexnet_jax.weights.torchvision import IMAGENET1K_V1, fetch_state_dict
 state_dict, cached = fetch_state_dict(sys.argv[1], progress=False)
 print(len(state_dict), cached)
+# load_model()'s default reads IMAGENET1K_V1 from the same cache: these weights stand in for it.
+shutil.copy(cached, cached.with_name(IMAGENET1K_V1.file_name))
+model, variables = load_model(progress=False)
+assert type(model).__name__ == "AlexNet" and variables["params"]["classifier_6"]["bias"].shape == (1000,)
 sys.exit(cli.run(["convert", "--checkpoint", str(cached), "--output", sys.argv[2], "--no-progress"]))
 """
 
 
 @pytest.mark.slow
 @pytest.mark.torch
-def test_download_and_convert_work_without_torch_and_verify_says_it_needs_it(good_pth, tmp_path):
+def test_download_load_model_and_convert_work_without_torch_and_verify_says_it_needs_it(good_pth, tmp_path):
     import torch
 
     from alexnet_jax import load_variables, torch_to_flax
