@@ -207,18 +207,22 @@ def test_bad_files_are_refused_the_same_way_without_torch(files):
     assert not (files / "PWNED").exists()
 
 
+# With torch unimportable: --verify refused first (one line on stderr, nothing done), then the
+# hash-checked download into torch hub's cache, load_model() from that cache, and the conversion.
 _CONVERT_WITHOUT_TORCH = """
 import shutil, sys
 sys.modules["torch"] = None
 from alexnet_jax import cli, load_model
 from alexnet_jax.weights.torchvision import IMAGENET1K_V1, fetch_state_dict
-state_dict, cached = fetch_state_dict(sys.argv[1], progress=False)
+url, out, refused = sys.argv[1:]
+assert cli.run(["convert", "--url", url, "--output", refused, "--verify", "--no-progress"]) == 1
+state_dict, cached = fetch_state_dict(url, progress=False)
 print(len(state_dict), cached)
 # load_model()'s default reads IMAGENET1K_V1 from the same cache: these weights stand in for it.
 shutil.copy(cached, cached.with_name(IMAGENET1K_V1.file_name))
 model, variables = load_model(progress=False)
 assert type(model).__name__ == "AlexNet" and variables["params"]["classifier_6"]["bias"].shape == (1000,)
-sys.exit(cli.run(["convert", "--checkpoint", str(cached), "--output", sys.argv[2], "--no-progress"]))
+sys.exit(cli.run(["convert", "--checkpoint", str(cached), "--output", out, "--no-progress"]))
 """
 
 
@@ -232,20 +236,17 @@ def test_download_load_model_and_convert_work_without_torch_and_verify_says_it_n
     data = good_pth.read_bytes()
     named = tmp_path / f"alexnet-{hashlib.sha256(data).hexdigest()[:8]}.pth"  # torch hub's rule: the hash in the name
     named.write_bytes(data)
-    out = tmp_path / "alexnet.msgpack"
+    out, refused = tmp_path / "alexnet.msgpack", tmp_path / "refused.msgpack"
     env = {"TORCH_HOME": str(tmp_path / "torch_home")}
-    run = run_python(["-c", _CONVERT_WITHOUT_TORCH, named.as_uri(), out], env=env, drop_env=["XDG_CACHE_HOME"])
+    run = run_python(["-c", _CONVERT_WITHOUT_TORCH, named.as_uri(), out, refused], env=env, drop_env=["XDG_CACHE_HOME"])
     assert run.returncode == 0, run.stderr
+    verify_line = "error: --verify (torch's AlexNet on sample photos) needs torch"
+    assert run.stderr.startswith(verify_line) and run.stderr.count("\n") == 1, run.stderr  # and nothing else
+    assert not refused.exists()
     assert run.stdout.startswith(f"16 {tmp_path / 'torch_home' / 'hub' / 'checkpoints' / named.name}")
     want = torch_to_flax(torch.load(good_pth, weights_only=True))
     got = load_variables(out, device=False)
     for module, leaves in want["params"].items():
         for leaf, value in leaves.items():
             np.testing.assert_array_equal(got["params"][module][leaf], value)
-    script = 'import sys; sys.modules["torch"] = None; from alexnet_jax import cli; sys.exit(cli.run(sys.argv[1:]))'
-    argv = ["convert", "--checkpoint", named, "--output", tmp_path / "v.msgpack", "--verify"]
-    verify = run_python(["-c", script, *argv])
-    assert verify.returncode == 1, verify.stderr
-    assert verify.stderr.startswith("error: --verify (torch's AlexNet on sample photos) needs torch"), verify.stderr
-    assert verify.stderr.count("\n") == 1 and not (tmp_path / "v.msgpack").exists()
     assert sys.modules.get("torch") is not None  # this process was never the one without torch
