@@ -9,22 +9,24 @@ photos: logits within 1e-5 of the largest, the same top-5.
 
 from __future__ import annotations
 
+import sys
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
-
-from alexnet_jax import AlexNet, lpips, preprocess_batch, save_variables, torch_to_flax, trunk_features  # noqa: E402
-from alexnet_jax.cli import run as cli_run  # noqa: E402
-from alexnet_jax.export.artifact import export_file  # noqa: E402
-from alexnet_jax.export.stablehlo import ExportError, export_model, load_exported, serialize  # noqa: E402
+from alexnet_jax import AlexNet, lpips, preprocess_batch, save_variables, torch_to_flax, trunk_features
+from alexnet_jax.cli import run as cli_run
+from alexnet_jax.export.artifact import export_file
+from alexnet_jax.export.stablehlo import ExportError, export_model, load_exported, serialize
 
 # (batch, height, width): the smallest sides each target takes, 224, and odd sides whose
 # adaptive-pool windows overlap unevenly.
 CLASSIFIER_SHAPES = ((2, 63, 63), (1, 224, 224), (3, 100, 77))
 TRUNK_SHAPES = ((1, 31, 31), (2, 57, 40))
 RTOL = 1e-5  # of the largest |value|: float32 rounding
+_apply = jax.jit(AlexNet().apply)  # one function for every test: each shape compiles once
 
 
 def _images(shape, seed=0):
@@ -36,6 +38,11 @@ def _close(got, want, rtol=RTOL):
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= rtol * np.abs(want).max(), np.abs(got - want).max()
+
+
+def _trunk(variables, x, layers):
+    """`trunk_features` compiled whole (eager, op by op, it takes longer here than one compilation)."""
+    return jax.jit(trunk_features, static_argnums=2)(variables, x, tuple(layers))
 
 
 def _round_trip(exported):
@@ -56,10 +63,9 @@ def test_classifier_artifact_matches_apply_at_every_batch_and_size(seeded):
     exported = _round_trip(export_model(variables, platforms=("cpu", "cuda", "tpu"), embed_weights=False))
     assert exported.platforms == ("cpu", "cuda", "tpu")
     assert str(exported.in_avals[-1].shape) == "(b, h, w, 3)"
-    apply = jax.jit(AlexNet().apply)
     for shape in CLASSIFIER_SHAPES:
         x = _images(shape)
-        _close(exported.call({"params": variables["params"]}, x), apply(variables, x))
+        _close(exported.call({"params": variables["params"]}, x), _apply(variables, x))
 
 
 @pytest.mark.slow
@@ -73,7 +79,7 @@ def test_trunk_and_lpips_artifacts_match_at_every_size(trunk_variables, tmp_path
     distance = _round_trip(export_model(trunk_variables, "lpips", embed_weights=False))
     for shape in TRUNK_SHAPES:
         x0 = np.tanh(_images(shape))  # LPIPS's [-1, 1]
-        got, want = trunk.call(x0), trunk_features(trunk_variables, x0, layers)
+        got, want = trunk.call(x0), _trunk(trunk_variables, x0, layers)
         assert list(got) == sorted(layers)
         for name in layers:
             _close(got[name], want[name])
@@ -104,6 +110,16 @@ def test_export_refusals(trunk_variables, tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fmt, package", [("onnx", "onnx"), ("stablehlo", "flatbuffers")])
+def test_a_missing_export_extra_is_one_line_before_the_weights_are_read(fmt, package, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, package, None)  # `import onnx` raises ImportError
+    argv = ["export", "--weights", "missing.msgpack", "--format", fmt, "--output", str(tmp_path / "o")]
+    assert cli_run(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and f"needs {package}" in err, err
+    assert "pip install 'alexnet-jax[export]'" in err and "missing.msgpack" not in err
+
+
 @pytest.fixture(scope="module")
 def onnxruntime():
     return pytest.importorskip("onnxruntime")
@@ -126,14 +142,14 @@ def test_onnx_classifier_matches_jax_and_torchvision_on_photos(onnxruntime, torc
     module.load_state_dict(state_dict)
     with torch.no_grad():
         want = module.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    jax_logits = np.asarray(jax.jit(AlexNet().apply)(variables, x))
+    jax_logits = np.asarray(_apply(variables, x))
     for reference in (want, jax_logits):
         _close(got, reference)
         np.testing.assert_array_equal(np.argsort(-got)[:, :5], np.argsort(-reference)[:, :5])
     # Other batches and sizes, dynamic in the graph: against the JAX model.
     for shape in CLASSIFIER_SHAPES[::2]:
         images = _images(shape)
-        _close(session.run(None, {"images": images})[0], jax.jit(AlexNet().apply)(variables, images))
+        _close(session.run(None, {"images": images})[0], _apply(variables, images))
 
 
 @pytest.mark.slow
@@ -145,7 +161,7 @@ def test_onnx_trunk_matches_trunk_features(onnxruntime, trunk_variables, tmp_pat
     assert [o.name for o in session.get_outputs()] == list(layers)
     for shape in TRUNK_SHAPES:
         x = _images(shape)
-        want = trunk_features(trunk_variables, x, layers)
+        want = _trunk(trunk_variables, x, layers)
         for name, got in zip(layers, session.run(None, {"images": x})):
             _close(got, want[name])
 
@@ -162,7 +178,7 @@ def test_cli_exports_a_weights_file(onnxruntime, seeded, tmp_path, capsys):
     session = _session(onnxruntime, out)
     assert session.get_inputs()[0].shape == ["N", 40, 40, 3]
     x = _images((3, 40, 40))
-    _close(session.run(None, {"images": x})[0], trunk_features(variables, x, ("relu3",))["relu3"])
+    _close(session.run(None, {"images": x})[0], _trunk(variables, x, ("relu3",))["relu3"])
 
 
 def test_pool_weights_on_symbolic_sides_are_the_numpy_matrix():

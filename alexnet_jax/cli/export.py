@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from alexnet_jax import lpips
-from alexnet_jax.export.artifact import FORMATS, check_request, export_file
+from alexnet_jax.export.artifact import FORMATS, check_request, export_file, require_format
 from alexnet_jax.export.stablehlo import PLATFORMS, TARGETS, min_size
 from alexnet_jax.files import check_output_file
 from alexnet_jax.host_memory import keep_freed_memory
@@ -81,8 +81,9 @@ def configure_process() -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        require_format(args.format)  # a missing extra before the weights are read
         _, variables = load_model(args.weights, progress=False)
-    except (OSError, ValueError, RuntimeError) as e:  # WeightsError is a RuntimeError
+    except (OSError, ValueError, RuntimeError) as e:  # WeightsError is a RuntimeError; ExportError a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:

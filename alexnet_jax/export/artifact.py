@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from alexnet_jax import lpips
-from alexnet_jax.export.onnx_graph import ONNX_TARGETS, onnx_model, save_onnx
-from alexnet_jax.export.stablehlo import DEFAULT_SIZE, ExportError, export_model, save_exported
+from alexnet_jax.export.onnx_graph import ONNX_TARGETS, onnx_model, require_onnx, save_onnx
+from alexnet_jax.export.stablehlo import DEFAULT_SIZE, ExportError, export_model, require_flatbuffers, save_exported
 from alexnet_jax.models.alexnet import TRUNK_LAYERS
 
 FORMATS = ("stablehlo", "onnx")
@@ -29,6 +29,14 @@ def check_request(fmt: str, target: str, platforms: Sequence[str], embed_weights
             )
         if tuple(platforms) != ("cpu",) or not embed_weights:
             raise ExportError("platforms and weights as an argument are stablehlo options; an ONNX model runs anywhere")
+
+
+def require_format(fmt: str) -> None:
+    """**Raises:** ExportError when the package `fmt` needs (the `export` extra) is missing: said before any work."""
+    if fmt == "onnx":
+        require_onnx()
+    else:
+        require_flatbuffers()
 
 
 def export_file(
@@ -50,6 +58,7 @@ def export_file(
     saying what cannot be exported and why.
     """
     check_request(fmt, target, platforms, embed_weights)
+    require_format(fmt)
     shape = {"dynamic_size": size is None, "size": DEFAULT_SIZE if size is None else size}
     if fmt == "onnx":
         return save_onnx(path, onnx_model(variables, target, layers=layers, **shape))

@@ -45,10 +45,11 @@ ONNX_TARGETS = ("classifier", "trunk")
 
 
 def require_onnx():
+    """onnx, imported. **Raises:** ExportError saying how to install it."""
     try:
         import onnx
     except ImportError as e:
-        raise ExportError(f"ONNX export needs onnx ({e}); install it with: pip install 'alexnet-jax[export]'") from e
+        raise ExportError(f"ONNX export needs onnx ({e}); install it with: pip install 'alexnet-jax[export]'") from None
     return onnx
 
 

@@ -18,7 +18,6 @@ Serializing needs `flatbuffers` (the `export` extra).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -136,10 +135,20 @@ def export_model(
     return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(abstract, *images)
 
 
+def require_flatbuffers() -> None:
+    """**Raises:** ExportError saying how to install flatbuffers, which `jax.export` serializes with."""
+    try:
+        import flatbuffers  # noqa: F401
+    except ImportError as e:
+        raise ExportError(
+            f"serializing a jax.export artifact needs flatbuffers ({e}); "
+            "install it with: pip install 'alexnet-jax[export]'"
+        ) from None
+
+
 def serialize(exported: jax.export.Exported) -> bytes:
     """The artifact's bytes (`jax.export.deserialize` reads them). **Raises:** ExportError without flatbuffers."""
-    if importlib.util.find_spec("flatbuffers") is None:
-        raise ExportError("serializing a jax.export artifact needs flatbuffers: pip install 'alexnet-jax[export]'")
+    require_flatbuffers()
     return bytes(exported.serialize())
 
 
