@@ -170,7 +170,7 @@ def test_onnx_trunk_matches_trunk_features(onnxruntime, trunk_variables, tmp_pat
 @pytest.mark.torch
 def test_cli_exports_a_weights_file(onnxruntime, seeded, tmp_path, capsys):
     _, variables = seeded
-    weights = save_variables(tmp_path / "alexnet.msgpack", variables)
+    weights = save_variables(tmp_path / "alexnet.msgpack", variables["params"])  # bare params: saved under "params"
     out = tmp_path / "trunk.onnx"
     argv = ["export", "--weights", str(weights), "--format", "onnx", "--model", "trunk", "--output", str(out)]
     assert cli_run([*argv, "--layers", "relu3", "--size", "40"]) == 0
