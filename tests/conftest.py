@@ -4,10 +4,8 @@ and colour folders for the orchestration tests. Markers (pyproject.toml): slow, 
 from __future__ import annotations
 
 import atexit
-import importlib
 import os
 import shutil
-import sys
 import tempfile
 
 import numpy as np
@@ -40,23 +38,12 @@ def _import_torchvision():
     torchvision 0.28.0 on PyPI is a CUDA build; against the CPU torch its C++ ops fail
     to load and the import dies with "operator torchvision::nms does not exist". The
     Python parts we test (models, transforms) need only the schemas of the two ops
-    that `_meta_registrations` registers fakes for, so define those and import again.
-    Done only in tests and only when the extension failed.
+    that `_meta_registrations` registers fakes for: benchmarks/torchvision_import.py defines
+    those and imports again, only when the extension failed (the benchmarks share it).
     """
-    try:
-        return importlib.import_module("torchvision")
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-    import torch
+    from helpers import REPO, load_script
 
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]  # drop the half-imported package before trying again
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-    _import_torchvision.library = lib  # keep the definitions alive for the session
-    return importlib.import_module("torchvision")
+    return load_script(REPO / "benchmarks" / "torchvision_import.py").import_torchvision()
 
 
 @pytest.fixture(scope="session")
