@@ -100,6 +100,22 @@ def flax_variables():
     return make
 
 
+@pytest.fixture(scope="session")
+def trunk_variables():
+    """Variables of AlexNet's five conv layers alone (no classifier), what the trunk and LPIPS read: float32
+    numpy, LeCun-normal kernels and small biases from seed 0, drawn without compiling anything."""
+    from alexnet_jax.models.variables import param_shapes
+
+    rng = np.random.default_rng(0)
+    params: dict = {}
+    for key, shape in param_shapes(1000).items():
+        module, leaf = key.split("/")
+        if module.startswith("features_"):
+            scale = 0.01 if leaf == "bias" else np.prod(shape[:-1]) ** -0.5
+            params.setdefault(module, {})[leaf] = (rng.standard_normal(shape) * scale).astype(np.float32)
+    return {"params": params}
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """The tests' tiny network registered as an architecture ("tiny") for the module's tests; yields the name.

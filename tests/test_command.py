@@ -162,6 +162,10 @@ _RUNS = {
     "convert": (["--checkpoint", "missing.pth", "--output", "o.msgpack"], "missing.pth: no such file"),
     "classify": (["--weights", "missing.msgpack", "a.jpg"], "missing.msgpack: no such file"),
     "lpips": (["--weights", "missing.msgpack", "a.png", "b.png"], "missing.msgpack: no such file"),
+    "export": (
+        ["--weights", "missing.msgpack", "--format", "onnx", "--output", "o.onnx"],
+        "missing.msgpack: no such file",
+    ),
     "train": (["--data", "t", "--val-data", "v", "--workdir", "w"], "training needs the train extra: pip install"),
     "pack": (["src", "--output", "o"], "pack needs the train extra: pip install"),
 }

@@ -5,7 +5,8 @@
 
 Either layout, recognized from the tensors: torchvision's AlexNet (for `alexnet_jax.AlexNet`)
 or the 2012 paper's (for `alexnet_jax.AlexNet2012`; `alexnet_jax.weights.reference` has its torch
-module). --verify runs the matching torch reference. Needs the `convert` extra (torch).
+module). --verify runs the matching torch reference, and needs the `convert` extra (torch);
+reading .pth files, downloading and converting do not (`alexnet_jax.weights.torch_file`).
 
 Every failure is one line on stderr and a non-zero exit, and no output file is written
 (writes are atomic, and --verify runs before the write; --output is checked for writability
@@ -33,6 +34,7 @@ from alexnet_jax.weights.torchvision import (
     WeightsRecord,
     fetch_state_dict,
     load_checkpoint,
+    require_torch,
 )
 
 EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH = 1, 2, 3
@@ -96,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         check_writable_folder(output.parent, f"--output {output}: folder")
 
     try:
+        if args.verify:
+            require_torch("--verify (torch's AlexNet on sample photos)")  # before a download and a conversion
         if args.output is not None:
             check_output(args.output)
         if args.checkpoint is not None:
