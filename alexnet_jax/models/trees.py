@@ -12,6 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def is_bare_params(variables: Any) -> bool:
@@ -34,3 +37,24 @@ class AcceptsBareParams(nn.Module):
 
     def apply(self, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
         return super().apply(as_variables(variables), *args, **kwargs)
+
+
+def cast_floating(tree: Any, dtype: Any) -> tuple[Any, list[str]]:
+    """`tree` with every floating-point array in `dtype` (others untouched), as numpy arrays, and the names of
+    the floating dtypes that were cast (sorted; empty when all were `dtype` already).
+
+    What the converter writes and what training starts from: weights kept in float16 or
+    bfloat16 would otherwise stay so, and most updates of a fine-tuning rate round away below
+    half precision's resolution.
+    """
+    dtype = np.dtype(dtype)
+    cast: set[str] = set()
+
+    def one(leaf: Any) -> Any:
+        array = np.asarray(leaf)
+        if not jnp.issubdtype(array.dtype, jnp.floating) or array.dtype == dtype:
+            return leaf
+        cast.add(array.dtype.name)
+        return array.astype(dtype)
+
+    return jax.tree.map(one, tree), sorted(cast)

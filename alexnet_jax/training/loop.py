@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from alexnet_jax.distributed.parallel import over_processes, sum_over_processes
 from alexnet_jax.files import atomic_write_bytes, check_writable_folder
 from alexnet_jax.models.alexnet import replace_head
+from alexnet_jax.models.trees import cast_floating
 from alexnet_jax.models.variables import check_variables
 from alexnet_jax.steps import (
     TrainState,
@@ -78,24 +78,15 @@ def _initial_params(run: Run) -> dict[str, Any]:
 
 
 def _as_param_dtype(params: Any, dtype: np.dtype, source: str) -> Any:
-    """`params` with every floating array in the model's parameter dtype, and one line when that cast any.
-
-    Weights stored in float16 or bfloat16 would otherwise train in it: most SGD updates of a
-    fine-tuning rate round away below half precision's resolution, and the result is saved so.
-    """
-    found = {str(np.asarray(leaf).dtype) for leaf in jax.tree.leaves(params)}
-    cast = sorted(d for d in found if d != dtype.name and jnp.issubdtype(np.dtype(d), jnp.floating))
-    if not cast:
-        return params
-    print(
-        f"warning: {source}: weights stored as {', '.join(cast)}; cast to {dtype.name} for training",
-        file=sys.stderr,
-        flush=True,
-    )
-    return jax.tree.map(
-        lambda leaf: np.asarray(leaf).astype(dtype) if jnp.issubdtype(np.asarray(leaf).dtype, jnp.floating) else leaf,
-        params,
-    )
+    """`params` in the model's parameter dtype, with one line when that cast any (`trees.cast_floating`)."""
+    params, cast = cast_floating(params, dtype)
+    if cast:
+        print(
+            f"warning: {source}: weights stored as {', '.join(cast)}; cast to {dtype.name} for training",
+            file=sys.stderr,
+            flush=True,
+        )
+    return params
 
 
 def evaluate(state: TrainState, batches, put: Callable[[dict], dict] = dict) -> dict[str, float]:
