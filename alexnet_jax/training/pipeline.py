@@ -291,8 +291,9 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
 
 
-def _worker_death(error: BaseException) -> str | None:
-    # Grain's "Worker process was terminated unexpectedly with exit code N" as one line with the likely cause.
+def describe_worker_death(error: BaseException) -> str | None:
+    """Grain's "Worker process was terminated unexpectedly with exit code N" as one line with the likely cause;
+    None for another error."""
     match = re.search(r"terminated unexpectedly with exit code (-?\d+)", str(error))
     if match is None:
         return None
@@ -332,7 +333,7 @@ def _iterate(loader: _BatchLoader, start: int, stop: int, workers: int) -> Itera
         # map, not a loop variable: this generator holds no batch while the caller has it.
         yield from (map(_unlink_shared_memory, iterator) if workers > 0 else iterator)
     except RuntimeError as e:
-        died = _worker_death(e)
+        died = describe_worker_death(e)
         if died is None:
             raise
     finally:
