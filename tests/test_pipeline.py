@@ -232,12 +232,8 @@ def test_workers_started_at_a_scripts_top_level_are_one_line_not_a_cascade(jpegs
     assert done.stderr.count("Traceback") == 1 and len(done.stderr.splitlines()) < 12
     assert f"{script}:4 starts data worker processes at the top level of the script" in done.stderr
     assert 'put that code under `if __name__ == "__main__":`' in done.stderr
-    guarded = tmp_path / "guarded.py"
-    body = "\n".join("    " + line for line in SCRIPT.strip().splitlines())
-    guarded.write_text(f'if __name__ == "__main__":\n{body}\n')
-    done = run_python([guarded, jpegs], env=pythonpath_with_tests(), timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "(4, 64, 64, 3)" in done.stdout
+    # The same call under the guard starts its workers: every training CLI test with --workers does
+    # (tests/train_tiny.py runs under `if __name__ == "__main__":`).
 
 
 @pytest.mark.slow
@@ -245,7 +241,7 @@ def test_workers_started_at_a_scripts_top_level_are_one_line_not_a_cascade(jpegs
 def test_pipeline_benchmark_runs_and_reports_every_contender(tmp_path, torchvision):
     output = tmp_path / "pipeline.json"
     pipeline_benchmark = load_script(REPO / "benchmarks" / "pipeline.py")
-    argv = ["--images", "24", "--batch-size", "8", "--size", "64", "--workers", "0", "--output", str(output)]
+    argv = ["--images", "16", "--batch-size", "8", "--size", "64", "--workers", "0", "--output", str(output)]
     assert pipeline_benchmark.main(argv) == 0
     results = json.loads(output.read_text())
     names = {row["pipeline"] for row in results["rows"]}
