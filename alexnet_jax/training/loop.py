@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from alexnet_jax.distributed.parallel import over_processes, sum_over_processes
 from alexnet_jax.files import atomic_write_bytes, check_writable_folder
-from alexnet_jax.models.alexnet import replace_head
 from alexnet_jax.models.variables import check_variables
 from alexnet_jax.steps import (
     TrainState,
@@ -65,8 +64,8 @@ def _initial_params(run: Run) -> dict[str, Any]:
     # Weights of the other architecture would fail deep inside the first step: say so here.
     check_variables(params, run.arch.name)
     if params["classifier_6"]["kernel"].shape[1] != config.num_classes:
-        # Fine-tuning: keep the body, draw a new head for this data set's classes.
-        params = replace_head(params, config.num_classes, seed=config.seed)
+        # Fine-tuning: keep the body, draw a new head for this data set's classes as the run's init does.
+        params = run.arch.replace_head(params, config.num_classes, seed=config.seed, init=config.init)
     return params
 
 

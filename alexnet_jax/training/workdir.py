@@ -27,7 +27,7 @@ import jax
 
 from alexnet_jax.distributed.parallel import over_processes
 from alexnet_jax.files import atomic_write_bytes
-from alexnet_jax.training.config import TrainConfig, run_defining
+from alexnet_jax.training.config import TrainConfig, run_defining, same_trajectory
 from alexnet_jax.training.metrics import CURVES_FILE, METRICS_FILE
 
 LOCK_FILE = "run.lock"
@@ -131,7 +131,7 @@ def prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: in
         changed = [
             f"{k} ({saved.get(k, defaults[k])!r} -> {getattr(config, k)!r})"
             for k in run_defining(config)
-            if saved.get(k, defaults[k]) != getattr(config, k)
+            if not same_trajectory(k, saved.get(k, defaults[k]), getattr(config, k))
         ]
         if changed:
             raise ValueError(f"{workdir}: cannot resume exactly with a different {', '.join(changed)}")
