@@ -104,7 +104,7 @@ def train_and_evaluate(
     One run at a time owns `workdir` (`alexnet_jax.training.workdir.WorkdirLock`). SIGTERM
     or SIGINT (from the main thread) stop the run at the next step boundary with a
     checkpoint: StopRequested, whose `exit_status` is 128 + the signal number.
-    `config.parallel` spreads each step over every device ("pmap", "sharded");
+    `config.parallel` spreads each step over every device ("pmap", "sharded", "towers");
     across processes (after `parallel.initialize_distributed`) each reads only its
     shard of the data and only process 0 writes files besides the checkpoints,
     which Orbax writes together.
