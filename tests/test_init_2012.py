@@ -3,7 +3,7 @@
 The expected numbers are written out here from the sources, not read from the table under
 test: the paper's section 5; Caffe's models/bvlc_alexnet/train_val.prototxt; cuda-convnet2's
 layers/layers-imagenet-1gpu.cfg. Standard deviations within 2% (sampling error of the
-smallest layer's per-channel std, 11,616 draws: about 0.7%); biases exactly.
+per-channel std of conv1, 11,616 draws: about 0.7%); biases exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import alexnet_jax.training.loop as train_loop
 from alexnet_jax import AlexNet2012
 from alexnet_jax.archs import TRAINING_INIT, get_arch
-from alexnet_jax.models.alexnet2012 import INIT_NAMES, PIXELS_PER_UNIT, replace_head
+from alexnet_jax.models.alexnet2012 import INIT_NAMES, PIXELS_PER_UNIT, bias_init, kernel_init, replace_head
 from alexnet_jax.training.config import TrainConfig
 from alexnet_jax.training.run import resolve_run
 from alexnet_jax.transforms.preprocess import STDDEV_RGB
@@ -61,11 +61,7 @@ def test_conv1_is_drawn_in_the_pixel_units_of_the_preprocessing():
     np.testing.assert_allclose(PIXELS_PER_UNIT, 255 * np.asarray(STDDEV_RGB), rtol=1e-12)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("init", INIT_NAMES)
-def test_each_initialization_is_its_sources(init):
-    model = AlexNet2012(num_classes=10, initialization=init)
-    params = jax.device_get(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 227, 227, 3)))["params"])
+def _check(init: str, params) -> None:
     for name, (std, bias) in SOURCES[init].items():
         kernel = np.asarray(params[name]["kernel"], np.float64)
         if name == "features_0":  # per input channel, converted from pixel units
@@ -74,7 +70,29 @@ def test_each_initialization_is_its_sources(init):
             got = np.asarray([kernel.std()])
         np.testing.assert_allclose(got, std, rtol=0.02, err_msg=f"{init} {name}")
         assert abs(kernel.mean()) < 5 * kernel.std() / np.sqrt(kernel.size), (init, name)
-        assert np.all(params[name]["bias"] == np.float32(bias)), (init, name)
+        assert np.all(np.asarray(params[name]["bias"]) == np.float32(bias)), (init, name)
+
+
+@pytest.mark.parametrize("init", INIT_NAMES)
+def test_each_initialization_is_its_sources(init):
+    # The initializers on 160,000 draws per layer (their std does not depend on the shape but
+    # for conv1's, converted per input channel: drawn at its own shape). The model's use of
+    # them is the next test's.
+    key = jax.random.key(0)
+    params = {
+        name: {
+            "kernel": kernel_init(name, init)(key, (11, 11, 3, 96) if name == "features_0" else (400, 400)),
+            "bias": bias_init(name, init)(key, (8,)),
+        }
+        for name in LAYERS
+    }
+    _check(init, params)
+
+
+@pytest.mark.slow
+def test_the_model_draws_the_initialization_it_is_given():
+    model = AlexNet2012(num_classes=10, initialization="cuda-convnet2")  # the one furthest from the default
+    _check("cuda-convnet2", jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 227, 227, 3)))["params"])
 
 
 def test_an_unknown_init_is_one_line_before_anything_runs(tmp_path):
