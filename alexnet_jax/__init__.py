@@ -6,7 +6,8 @@
 
 The package, by layer (each imports only from the layers below it; tests/test_layout.py checks):
 
-    cli/                  the `alexnet-jax` command: convert, classify, lpips, train
+    cli/                  the `alexnet-jax` command: convert, classify, lpips, export, train
+    export/               the classifier, trunk or LPIPS as a jax.export artifact or an ONNX model
     lpips.py              LPIPS on the AlexNet trunk
     training/             config, input pipeline, loop, checkpoints, workdir, signals (the `train` extra)
     inference/            predict, features, classify, verify, labels, pictures

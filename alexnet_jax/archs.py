@@ -27,7 +27,16 @@ from alexnet_jax.models.alexnet2012 import replace_head as replace_head_2012
 from alexnet_jax.models.layers import CONV_ALGORITHMS
 from alexnet_jax.models.layers import POOL_OUTPUT as _POOL_OUTPUT
 from alexnet_jax.models.variables import ARCHITECTURES, Architecture
-from alexnet_jax.transforms.augment import eval_transform, paper_eval_transform, paper_train_transform, train_transform
+from alexnet_jax.transforms.augment import (
+    eval_pixels,
+    eval_transform,
+    paper_eval_pixels,
+    paper_eval_transform,
+    paper_train_pixels,
+    paper_train_transform,
+    train_pixels,
+    train_transform,
+)
 from alexnet_jax.transforms.preprocess import CROP_SIZE
 
 COLOUR_PCA_CHOICES = ("imagenet", "folder", "none")
@@ -42,7 +51,9 @@ class Arch:
 
     `model(num_classes, conv_algorithm, dtype)` builds the linen module; `train_transform(image,
     size, rng)` and `eval_transform(image, size, crops)` are the per-image transforms of
-    `alexnet_jax.transforms.augment`; `image_sizes` says which crop sides the model takes.
+    `alexnet_jax.transforms.augment` (normalized float32, what `predict` feeds), `train_pixels(image,
+    size, rng, decode)` and `eval_pixels(image, size, crops, decode)` the same as uint8 (what the
+    training pipeline hands over); `image_sizes` says which crop sides the model takes.
     (`models.variables.ARCHITECTURES` holds the same names' parameter layouts.)
     """
 
@@ -54,6 +65,8 @@ class Arch:
     size_rule: str  # what `image_sizes` accepts, for error messages
     train_transform: Callable[[Image.Image, int, np.random.Generator], np.ndarray]
     eval_transform: Callable[[Image.Image, int, int], np.ndarray]
+    train_pixels: Callable[[Image.Image, int, np.random.Generator, str], np.ndarray]
+    eval_pixels: Callable[[Image.Image, int, int, str], np.ndarray]
     recipe: str  # "torchvision" or "paper" (see `training.recipe.RECIPES`)
     batch_size: int  # default global batch, and the batch the base rate 0.01 is for (others scale it linearly)
     colour_pca: str  # default colour noise, one of COLOUR_PCA_CHOICES
@@ -106,6 +119,8 @@ ARCHS: dict[str, Arch] = {
         size_rule=f"at least {MIN_SIZE} (AlexNet's smallest input)",
         train_transform=train_transform,
         eval_transform=eval_transform,
+        train_pixels=train_pixels,
+        eval_pixels=eval_pixels,
         recipe="torchvision",
         batch_size=256,
         colour_pca="none",
@@ -121,6 +136,8 @@ ARCHS: dict[str, Arch] = {
         size_rule=f"{INPUT_SIZE} to 256 for --arch 2012 (a crop of its 256x256 images with a 6x6 conv5 map)",
         train_transform=paper_train_transform,
         eval_transform=paper_eval_transform,
+        train_pixels=paper_train_pixels,
+        eval_pixels=paper_eval_pixels,
         recipe="paper",
         batch_size=128,
         colour_pca="imagenet",

@@ -14,12 +14,14 @@ from __future__ import annotations
 import errno
 import os
 import re
+import resource
 import secrets
 import shutil
 import socket
 from pathlib import Path
 
 # Errors that mean "the disk (or this process's share of it) is full".
+# A write refused for want of room: a full disk or quota, or the process's file-size limit.
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
@@ -87,8 +89,18 @@ def free_bytes(path: str | os.PathLike) -> int | None:
     return None
 
 
-def no_space_message(path: str | os.PathLike, needed: int, reason: str = "No space left on device") -> str:
-    """One line for a write that found the disk full: the path, what it needs and what is free."""
+def no_space_message(
+    path: str | os.PathLike, needed: int, reason: str = "No space left on device", code: int = errno.ENOSPC
+) -> str:
+    """One line for a write refused for want of room (`code` one of NO_SPACE_ERRNOS): the path, what it needs,
+    and what to do. EFBIG is the process's file-size limit (`ulimit -f`), not a full disk: it says so."""
+    if code == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        shown = "unlimited" if limit == resource.RLIM_INFINITY else f"{limit / 1e6:,.1f} MB"
+        return (
+            f"{path}: {reason}; a file may not grow past this process's file-size limit ({shown}, `ulimit -f`), "
+            f"and writing it needs about {needed / 1e6:,.1f} MB. Raise the limit (`ulimit -f unlimited`) and try again"
+        )
     free = free_bytes(path)
     there = f", {free / 1e6:,.1f} MB free there" if free is not None else ""
     return f"{path}: {reason}; writing it needs about {needed / 1e6:,.1f} MB{there}. Free some space and try again"
@@ -147,7 +159,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.errno in NO_SPACE_ERRNOS:
-            raise os_error(e.errno, no_space_message(path, len(data), e.strerror)) from None
+            raise os_error(e.errno, no_space_message(path, len(data), e.strerror, e.errno)) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -48,7 +48,8 @@ from jax import lax
 from alexnet_jax.files import atomic_write_bytes, check_output_file
 from alexnet_jax.inference.predict import DEFAULT_BATCH_SIZE, padded_size
 from alexnet_jax.models.alexnet import CONV_LAYERS, TRUNK_LAYERS, trunk_features, trunk_min_size
-from alexnet_jax.models.variables import check_shapes, flat_params
+from alexnet_jax.models.layers import check_float_images, check_sides
+from alexnet_jax.models.variables import trunk_params
 from alexnet_jax.transforms.images import ImageReadError, is_image_name, load_image
 from alexnet_jax.transforms.preprocess import to_model_mode, to_unit_float
 
@@ -107,24 +108,6 @@ def _check_version(version: str) -> None:
         raise ValueError(f"unknown LPIPS version {version!r}; expected one of {', '.join(VERSIONS)}")
 
 
-def _trunk_params(variables: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
-    """The five conv layers of AlexNet variables (any head, or none), checked; the rest left out."""
-    flat = flat_params(variables)
-    expected, in_channels = {}, 3
-    for index, out, kernel, _, _ in CONV_LAYERS:
-        expected[f"features_{index}/kernel"] = (kernel, kernel, in_channels, out)
-        expected[f"features_{index}/bias"] = (out,)
-        in_channels = out
-    # Only conv leaves are compared: a classifier is allowed, and not needed.
-    found = {k: np.shape(v) for k, v in flat.items() if k.startswith("features_")}
-    check_shapes(found, expected, "the LPIPS trunk (AlexNet's features_0..features_10)")
-    trunk: dict[str, dict[str, np.ndarray]] = {}
-    for key in expected:
-        module, leaf = key.split("/")
-        trunk.setdefault(module, {})[leaf] = flat[key]
-    return trunk
-
-
 def load(variables: Mapping[str, Any], version: str = DEFAULT_VERSION) -> dict[str, Any]:
     """LPIPS parameters: AlexNet's five conv layers and lpips's linear weights for `version`.
 
@@ -139,7 +122,7 @@ def load(variables: Mapping[str, Any], version: str = DEFAULT_VERSION) -> dict[s
     listing every missing or mis-shaped conv leaf.
     """
     _check_version(version)
-    trunk = _trunk_params(variables)
+    trunk = trunk_params(variables, "the LPIPS trunk (AlexNet's features_0..features_10)")
     weights = lin_weights(version)
     lin = {f"lin{k}": weights[name].reshape(-1) for k, name in enumerate(LIN_NAMES)}
     shift, scale = (SHIFT, SCALE) if version == "0.1" else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
@@ -187,16 +170,39 @@ def upsample(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jnp.einsum("ih,nhw,jw->nij", mh, x, mw, precision=lax.Precision.HIGHEST)
 
 
+INPUT_HINT = "x / 127.5 - 1 for 8-bit pixels (in [-1, 1]), or x / 255 with normalize=True"
+# How far outside [-1, 1] (or [0, 1] with normalize=True) a value may lie: resampling overshoots
+# a little, which is harmless; 0-255 pixels, or [0, 1] images given as [-1, 1] ones, are not.
+RANGE_SLACK = 0.05
+
+
 def _check_pair(x0: jax.Array, x1: jax.Array) -> None:
     if x0.shape != x1.shape:
         raise ValueError(f"LPIPS compares images of one shape; got {x0.shape} and {x1.shape}")
     if x0.ndim != 4 or x0.shape[-1] != 3:
         raise ValueError(f"LPIPS expects NHWC images of shape (N, H, W, 3), got {x0.shape}")
-    if min(x0.shape[1:3]) < MIN_SIZE:
-        raise ValueError(
-            f"LPIPS with AlexNet needs images of at least {MIN_SIZE}x{MIN_SIZE} (to reach relu5), "
-            f"got {x0.shape[1]}x{x0.shape[2]}"
-        )
+    for x in (x0, x1):
+        check_float_images(x, "LPIPS", INPUT_HINT)
+    check_sides(x0, MIN_SIZE, "LPIPS with AlexNet", " (to reach relu5)")
+
+
+def check_range(x: Any, normalize: bool = False) -> None:
+    """Raise ValueError when concrete images lie outside LPIPS's range: [-1, 1], or [0, 1] with `normalize`.
+
+    Values inside `jit`, `grad` or `vmap` are tracers, unknown until the program runs, and
+    are not checked (a check there would cost a callback to the host at every step);
+    `distance` checks its arguments before it traces them. **Raises:** ValueError naming
+    the range found and what to pass.
+    """
+    if isinstance(x, jax.core.Tracer) or not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+        return  # traced, or not an array: integer ones are refused in one line by _check_pair
+    if np.size(x) == 0:
+        return
+    low, high = (0.0, 1.0) if normalize else (-1.0, 1.0)
+    lo, hi = (float(v) for v in (x.min(), x.max()))
+    if lo < low - RANGE_SLACK or hi > high + RANGE_SLACK or not (np.isfinite(lo) and np.isfinite(hi)):
+        mode = "with normalize=True takes images in [0, 1]" if normalize else "takes images in [-1, 1]"
+        raise ValueError(f"LPIPS {mode}, got values in [{lo:.4g}, {hi:.4g}]; pass {INPUT_HINT}")
 
 
 def layer_maps(
@@ -241,7 +247,6 @@ def layer_maps(
     return maps
 
 
-@functools.partial(jax.jit, static_argnames=("spatial", "normalize", "dtype", "conv_algorithm"))
 def distance(
     params: Mapping[str, Any],
     x0: jax.Array,
@@ -254,7 +259,7 @@ def distance(
 ) -> jax.Array:
     """LPIPS between image pairs, as `lpips.LPIPS(net="alex", version=...)(x0, x1)` computes it.
 
-    A pure, jitted function of (params, x0, x1): use it under `jit`, `vmap` (over
+    A pure function of (params, x0, x1), compiled once per shape: use it under `jit`, `vmap` (over
     pairs: a leading axis on x0 and x1) and `grad` (as a loss; gradients reach the
     images and `params`).
     **Arguments:** params from `load`; x0, x1 float NHWC images (N, H, W, 3) of one
@@ -267,7 +272,25 @@ def distance(
     H, W is close to (not exactly) the distance, as in lpips. For identical images it
     is ~1e-16 where lpips gives 0: XLA fuses the normalization into the difference and
     rounds the two sides apart, though their features are equal to the bit.
+    **Raises:** TypeError for integer images; ValueError for other shapes, or for concrete
+    (untraced) images outside the range by more than `RANGE_SLACK` (`check_range`).
     """
+    for x in (x0, x1):
+        check_range(x, normalize)
+    return _distance(params, x0, x1, spatial=spatial, normalize=normalize, dtype=dtype, conv_algorithm=conv_algorithm)
+
+
+@functools.partial(jax.jit, static_argnames=("spatial", "normalize", "dtype", "conv_algorithm"))
+def _distance(
+    params: Mapping[str, Any],
+    x0: jax.Array,
+    x1: jax.Array,
+    *,
+    spatial: bool,
+    normalize: bool,
+    dtype: Any,
+    conv_algorithm: str,
+) -> jax.Array:
     maps = layer_maps(params, x0, x1, normalize=normalize, dtype=dtype, conv_algorithm=conv_algorithm)
     size = x0.shape[1:3]
     # lpips adds the layers one by one to 0 (0 + a is exact), so this is its order too.

@@ -4,9 +4,11 @@
     state, metrics = train_step(state, batch)       # jitted, `state` donated
     sums = eval_step(state, batch)                  # loss / top-1 / top-5 sums
 
-A batch is a dict of numpy or jax arrays: `image` float32 (N, H, W, 3) normalized as
-`alexnet_jax.transforms.preprocess` does, `label` int32 (N,), `mask` float32 (N,) with 0 for
-padding and for images that could not be read (they count for nothing). Everything
+A batch is a dict of numpy or jax arrays: `image` (N, H, W, 3), either uint8 pixels (what the
+training pipeline hands over; normalized here, on the device, by `model_inputs`) or float32
+normalized as `alexnet_jax.transforms.preprocess` does; `label` int32 (N,); `mask` float32 (N,)
+with 0 for padding and for images that could not be read (they count for nothing); optionally
+`colour` float32 (N, 3), the paper's colour noise per image, added after normalizing. Everything
 here needs only the core dependencies; `alexnet_jax.training.loop` drives it (data,
 evaluation, checkpoints, metrics) and `alexnet_jax.distributed.parallel` spreads it over devices.
 """
@@ -24,6 +26,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 from flax.training import train_state
+
+from alexnet_jax.transforms.preprocess import MEAN_RGB, STDDEV_RGB
 
 # torchvision's reference recipe (references/classification, AlexNet row): SGD, momentum 0.9,
 # lr 0.01 for 256 images per step (8 GPUs x 32), x0.1 every 30 epochs, 90 epochs, wd 1e-4.
@@ -53,10 +57,29 @@ def scaled_lr(batch_size: int, base_lr: float = BASE_LR, base_batch_size: int = 
 
 
 def step_schedule(
-    lr: float, steps_per_epoch: int, *, step_epochs: int = LR_STEP_EPOCHS, gamma: float = LR_GAMMA
+    lr: float,
+    steps_per_epoch: int,
+    *,
+    step_epochs: int = LR_STEP_EPOCHS,
+    gamma: float = LR_GAMMA,
+    epoch_base: tuple[int, int] = (0, 0),
 ) -> optax.Schedule:
-    """torchvision's StepLR per epoch, as a function of the optimizer step: lr * gamma**(epoch // step_epochs)."""
-    return optax.exponential_decay(lr, transition_steps=step_epochs * steps_per_epoch, decay_rate=gamma, staircase=True)
+    """torchvision's StepLR per epoch, as a function of the optimizer step: lr * gamma**(epoch // step_epochs).
+
+    `epoch_base` (step, epoch): the epochs of `steps_per_epoch` steps count from that step, as
+    that epoch (a run resumed on data of another size); steps before it are not asked for.
+    """
+    if tuple(epoch_base) == (0, 0):
+        return optax.exponential_decay(
+            lr, transition_steps=step_epochs * steps_per_epoch, decay_rate=gamma, staircase=True
+        )
+    base_step, base_epoch = epoch_base
+
+    def schedule(count):
+        epoch = base_epoch + (jnp.asarray(count) - base_step) // steps_per_epoch
+        return lr * jnp.power(jnp.float32(gamma), (epoch // step_epochs).astype(jnp.float32))
+
+    return schedule
 
 
 def sgd_torch(learning_rate: float | optax.Schedule, momentum: float = MOMENTUM, weight_decay: float = 0.0):
@@ -178,6 +201,34 @@ def init_params(model: nn.Module, *, seed: int, image_size: int = 63) -> dict[st
     return init(jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3), model.param_dtype))["params"]
 
 
+# The keys of a batch that go to the device (a pipeline's batch also counts its skipped files).
+BATCH_KEYS = ("image", "label", "mask", "colour")
+
+
+def device_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The arrays of `batch` the steps read (BATCH_KEYS that are present), for placing on devices."""
+    return {k: batch[k] for k in BATCH_KEYS if k in batch}
+
+
+def model_inputs(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The model's input for `batch`: uint8 pixels normalized as `preprocess.normalize` does, plus `colour`.
+
+    The same float32 operations in the same order as the host's `normalize` (x / 255, minus
+    the mean, over the standard deviation), so a batch normalized here equals one normalized
+    on the host to float32 rounding. Float images are taken as normalized already. `colour`
+    (N, 3), the paper's noise on the normalized scale, is added to every pixel of its image.
+    **Returns:** float32 (N, ..., H, W, 3).
+    """
+    images = batch["image"]
+    if images.dtype == jnp.uint8:
+        x = images.astype(jnp.float32) / jnp.float32(255)
+        images = (x - jnp.asarray(MEAN_RGB, jnp.float32)) / jnp.asarray(STDDEV_RGB, jnp.float32)
+    if "colour" in batch:
+        colour = batch["colour"].astype(jnp.float32)
+        images = images + colour.reshape(colour.shape[:1] + (1,) * (images.ndim - 2) + colour.shape[1:])
+    return images
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array, count: jax.Array | None = None) -> jax.Array:
     """Mean softmax cross-entropy over the examples with mask 1 (torch's CrossEntropyLoss when all are 1).
 
@@ -246,7 +297,7 @@ def apply_step(
 
     def loss_fn(params, micro, key):
         mask = micro["mask"].astype(jnp.float32)
-        logits = state.apply_fn({"params": params}, micro["image"], train=True, rngs={"dropout": key})
+        logits = state.apply_fn({"params": params}, model_inputs(micro), train=True, rngs={"dropout": key})
         top1, _ = _correct(logits, micro["label"])
         return cross_entropy(logits, micro["label"], mask, count), jnp.sum(top1 * mask)
 
@@ -300,15 +351,15 @@ def crop_averaged_logits(logits: jax.Array, crops: int) -> jax.Array:
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Loss and accuracy of one batch with dropout off, as sums so batches add up.
 
-    **Arguments:** batch with image (N, H, W, 3), or (N, crops, H, W, 3) for a
-    multi-crop evaluation (the softmax averaged over the crops: `crop_averaged_logits`),
-    label (N,), mask (N,).
+    **Arguments:** batch with image (N, H, W, 3) (uint8 pixels or normalized floats, see
+    `model_inputs`), or (N, crops, H, W, 3) for a multi-crop evaluation (the softmax averaged
+    over the crops: `crop_averaged_logits`), label (N,), mask (N,).
     **Returns:** {"loss", "top1", "top5", "count"}: the summed cross-entropy, the
     numbers of examples right at top-1 and top-5, and the number of examples with
     mask 1. Divide by the total count (`summarize_eval`) for means.
     """
     mask = batch["mask"].astype(jnp.float32)
-    images = batch["image"]
+    images = model_inputs(batch)
     if images.ndim == 5:
         n, crops = images.shape[:2]
         logits = state.apply_fn({"params": state.params}, images.reshape((n * crops,) + images.shape[2:]), train=False)

@@ -57,26 +57,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _import_lpips():
-    """The lpips package, importing torchvision on the way as tests/conftest.py does.
+    """The lpips package, which imports torchvision: imported first as tests/conftest.py does."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from torchvision_import import import_torchvision
 
-    lpips imports torchvision; a CUDA build of torchvision on a CPU-only torch fails with
-    "operator torchvision::nms does not exist". lpips needs only its model classes, so the
-    two op schemas the import looks for are defined and the import tried again.
-    """
-    try:
-        importlib.import_module("torchvision")
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-        import torch
-
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-        _import_lpips.library = lib  # the definitions live as long as this object
-        importlib.import_module("torchvision")
+    import_torchvision()
     return importlib.import_module("lpips")
 
 

@@ -4,10 +4,8 @@ and colour folders for the orchestration tests. Markers (pyproject.toml): slow, 
 from __future__ import annotations
 
 import atexit
-import importlib
 import os
 import shutil
-import sys
 import tempfile
 
 import numpy as np
@@ -40,23 +38,12 @@ def _import_torchvision():
     torchvision 0.28.0 on PyPI is a CUDA build; against the CPU torch its C++ ops fail
     to load and the import dies with "operator torchvision::nms does not exist". The
     Python parts we test (models, transforms) need only the schemas of the two ops
-    that `_meta_registrations` registers fakes for, so define those and import again.
-    Done only in tests and only when the extension failed.
+    that `_meta_registrations` registers fakes for: benchmarks/torchvision_import.py defines
+    those and imports again, only when the extension failed (the benchmarks share it).
     """
-    try:
-        return importlib.import_module("torchvision")
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-    import torch
+    from helpers import REPO, load_script
 
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]  # drop the half-imported package before trying again
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-    _import_torchvision.library = lib  # keep the definitions alive for the session
-    return importlib.import_module("torchvision")
+    return load_script(REPO / "benchmarks" / "torchvision_import.py").import_torchvision()
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +98,22 @@ def flax_variables():
         return cache[seed, num_classes]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trunk_variables():
+    """Variables of AlexNet's five conv layers alone (no classifier), what the trunk and LPIPS read: float32
+    numpy, LeCun-normal kernels and small biases from seed 0, drawn without compiling anything."""
+    from alexnet_jax.models.variables import param_shapes
+
+    rng = np.random.default_rng(0)
+    params: dict = {}
+    for key, shape in param_shapes(1000).items():
+        module, leaf = key.split("/")
+        if module.startswith("features_"):
+            scale = 0.01 if leaf == "bias" else np.prod(shape[:-1]) ** -0.5
+            params.setdefault(module, {})[leaf] = (rng.standard_normal(shape) * scale).astype(np.float32)
+    return {"params": params}
 
 
 @pytest.fixture(scope="module")

@@ -116,11 +116,44 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_restored(tm
         Checkpoints(tmp_path / "ck").restore(_state(), step=1)
 
 
-# The child fakes a full disk with RLIMIT_FSIZE: a write past the limit fails with EFBIG
+def test_bytes_changed_in_place_are_never_restored_and_the_one_before_is(tmp_path, capsys):
+    model = nn.Dense(512)  # 2 MB of kernel: a file large enough to damage in many places
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1024)))["params"]
+    state = create_train_state(model, params, make_optimizer(0.1), seed=0)
+    checkpoints, states = Checkpoints(tmp_path / "ck"), {}
+    for k in range(2):
+        state = _step(state, k)
+        checkpoints.save(state, {"k": k})
+        states[k + 1] = state
+    checkpoints.close()
+    largest = max((p for p in (tmp_path / "ck" / "2").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    pristine = largest.read_bytes()
+    # 4 KiB overwritten in place at eight offsets, the file's size unchanged each time. TensorStore finds
+    # some of these (a block that no longer decompresses) and reads others back without a word: the
+    # digests saved with the checkpoint must refuse every one.
+    reasons = []
+    for offset in np.linspace(0.1, 0.9, 8) * len(pristine):
+        at = int(offset)
+        largest.write_bytes(pristine[:at] + bytes(4096) + pristine[at + 4096 :])
+        with pytest.raises(CheckpointError, match=r"ck/2: cannot be read") as refused:
+            Checkpoints(tmp_path / "ck").restore(state, step=2)
+        reasons.append(str(refused.value))
+    assert any("differ from the digest saved with them" in r for r in reasons), reasons
+    # Without a step: set aside in one line, and the one before restored.
+    restored, loop = Checkpoints(tmp_path / "ck").restore(state)
+    assert int(restored.step) == 1 and loop == {"k": 0, "val_top1": None}
+    assert _leaves_equal(restored.params, states[1].params)
+    err = capsys.readouterr().err.splitlines()
+    warning = [line for line in err if line.startswith("warning:")]
+    assert len(warning) == 1 and "moved to damaged-2" in warning[0], warning
+    assert not any("Traceback" in line for line in err)
+
+
+# The child limits its files with RLIMIT_FSIZE: a write past the limit fails with EFBIG
 # ("File too large") once SIGXFSZ is ignored, in TensorStore's C++ writes as in Python's,
-# the way ENOSPC fails a write on a full disk. (A small tmpfs would need root.)
+# the way ENOSPC fails a write on a full disk (a small tmpfs would need root).
 _FULL_DISK_CHILD = """
-import resource, signal, sys
+import resource, signal, sys, time
 import flax.linen as nn, jax, jax.numpy as jnp
 from alexnet_jax.training.checkpoint import CheckpointError, Checkpoints
 from alexnet_jax.steps import create_train_state, make_optimizer
@@ -132,7 +165,10 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
 try:
     checkpoints.save(state, {})
-    checkpoints.wait()
+    # The training loop's check after every step: the failure surfaces without another save or a wait.
+    for _ in range(600):
+        checkpoints.check()
+        time.sleep(0.05)
 except CheckpointError as e:
     print(e)
     sys.exit(1)
@@ -145,5 +181,5 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_nothing_half_written(t
     assert run.returncode == 1, run.stderr
     assert run.stdout.count("\n") == 1, run.stdout
     assert f"{tmp_path / 'ck' / '0'}: checkpoint not written (File too large)" in run.stdout
-    assert "writing it needs about 4.2 MB" in run.stdout and "MB free there" in run.stdout
+    assert "writing it needs about 4.2 MB" in run.stdout and "file-size limit (0.2 MB, `ulimit -f`)" in run.stdout
     assert list((tmp_path / "ck").iterdir()) == []  # Orbax's temporary folder is gone

@@ -234,3 +234,20 @@ def test_an_unwritable_output_is_refused_before_reading_the_weights(tmp_path, ca
     assert cli.main(["--checkpoint", str(tmp_path / "missing.pth"), "--output", "/sys/o.msgpack"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --output /sys/o.msgpack: folder /sys is not writable (") and err.count("\n") == 1
+
+
+def test_half_precision_weights_are_written_as_float32_unless_asked(files, tmp_path, capsys, torchvision_state_dict):
+    torch.save({k: v.half() for k, v in torchvision_state_dict(0).items()}, tmp_path / "half.pth")
+    assert cli.main(["--checkpoint", str(tmp_path / "half.pth"), "--output", str(tmp_path / "a.msgpack")]) == 0
+    assert "dtype: the source's float16 weights written as float32 (--dtype chooses)" in capsys.readouterr().out
+    dtypes = {
+        leaf.dtype for module in load_variables(tmp_path / "a.msgpack")["params"].values() for leaf in module.values()
+    }
+    assert dtypes == {np.dtype(np.float32)}
+    args = ["--checkpoint", str(tmp_path / "half.pth"), "--output", str(tmp_path / "b.msgpack"), "--dtype", "float16"]
+    assert cli.main(args) == 0
+    assert "dtype:" not in capsys.readouterr().out  # kept as it was: nothing to say
+    dtypes = {
+        leaf.dtype for module in load_variables(tmp_path / "b.msgpack")["params"].values() for leaf in module.values()
+    }
+    assert dtypes == {np.dtype(np.float16)}

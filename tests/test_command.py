@@ -36,6 +36,8 @@ PAPER = TrainConfig(
     arch="2012",
     colour_pca="folder",
     eval_crops=10,
+    decode="exact",
+    allow_data_change=True,
     weight_decay=2e-4,
     lr_step_epochs=5,
     patience=2,
@@ -125,7 +127,7 @@ def test_a_field_without_help_or_of_another_type_is_refused():
         add_dataclass_flags(argparse.ArgumentParser(), Listy)
 
 
-@pytest.mark.parametrize("argv, message", [([], "required: COMMAND"), (["pack"], "invalid choice: 'pack'")])
+@pytest.mark.parametrize("argv, message", [([], "required: COMMAND"), (["bogus"], "invalid choice: 'bogus'")])
 def test_no_or_an_unknown_subcommand_is_a_usage_error(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
@@ -161,7 +163,12 @@ _RUNS = {
     "convert": (["--checkpoint", "missing.pth", "--output", "o.msgpack"], "missing.pth: no such file"),
     "classify": (["--weights", "missing.msgpack", "a.jpg"], "missing.msgpack: no such file"),
     "lpips": (["--weights", "missing.msgpack", "a.png", "b.png"], "missing.msgpack: no such file"),
+    "export": (
+        ["--weights", "missing.msgpack", "--format", "onnx", "--output", "o.onnx"],
+        "missing.msgpack: no such file",
+    ),
     "train": (["--data", "t", "--val-data", "v", "--workdir", "w"], "training needs the train extra: pip install"),
+    "pack": (["src", "--output", "o"], "pack needs the train extra: pip install"),
 }
 
 
@@ -170,7 +177,7 @@ def test_every_subcommand_is_tried_below():
 
 
 @pytest.mark.parametrize("name", sorted(_RUNS))
-def test_each_subcommand_runs_from_python_m_and_only_train_needs_the_train_extra(name, tmp_path):
+def test_each_subcommand_runs_from_python_m_and_only_train_and_pack_need_the_train_extra(name, tmp_path):
     argv, error = _RUNS[name]
     run = run_python(["-c", _WITHOUT_TRAIN_EXTRA, name, *argv], cwd=tmp_path)
     assert run.returncode == 1, run.stderr

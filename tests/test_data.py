@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 
 from alexnet_jax import preprocess
 from alexnet_jax.training.pipeline import DataError, eval_batches, image_folder, train_batches
-from alexnet_jax.transforms.augment import eval_transform, random_resized_crop_box, train_transform
+from alexnet_jax.transforms.augment import eval_pixels, eval_transform, random_resized_crop_box, train_transform
 
 from helpers import children, gone, shared_memory
 
@@ -190,7 +191,7 @@ def test_eval_batches_cover_every_image_once_in_order_and_pad(folder):
     mask = np.concatenate([b["mask"] for b in batches])
     assert mask.tolist() == [1.0] * 15 + [0.0]
     assert labels[:15].tolist() == [label for _, label in data.samples]
-    first = eval_transform(Image.open(data.samples[0][0]), 64)
+    first = eval_pixels(Image.open(data.samples[0][0]), 64)
     np.testing.assert_array_equal(batches[0]["image"][0], first)
 
 
@@ -210,6 +211,27 @@ def test_a_link_loop_in_a_class_folder_is_walked_once_and_reported(tmp_path, cap
     assert [label for _, label in data.samples] == [c for c in range(len(CLASSES)) for _ in range(PER_CLASS)]
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{root / 'bee' / 'again'}: a link back to" in err
+
+
+@pytest.mark.parametrize("target", ["..", "../ant", "../../elsewhere"], ids=["root", "sibling", "outside"])
+def test_a_link_to_an_indexed_folder_never_changes_labels(tmp_path, capsys, target):
+    root = _write_folder(tmp_path / "train", np.random.default_rng(1))
+    _write_folder(tmp_path / "elsewhere", np.random.default_rng(2))  # a folder outside the data set: followed
+    (root / "bee" / "link").symlink_to(target)
+    (root / "ant" / "to_bee").symlink_to("../bee")  # and one walked before its target class
+    data = image_folder(root)
+    by_path = {}
+    for path, label in data.samples:
+        resolved = Path(path).resolve()
+        assert by_path.setdefault(resolved, label) == label, path  # no image under two labels
+    own = [(label, Path(path).relative_to(root).parts[0]) for path, label in data.samples]
+    assert all(CLASSES[label] == folder for label, folder in own)  # each image under its own folder's label
+    err = capsys.readouterr().err.splitlines()
+    assert f"warning: {root / 'ant' / 'to_bee'}: a link to {root / 'bee'}, whose images are indexed already" in err[0]
+    if target == "../../elsewhere":
+        assert len(err) == 1 and len(data) == len(CLASSES) * PER_CLASS * 2  # its images are bee's: one label
+    else:
+        assert len(err) == 2 and f"{root / 'bee' / 'link'}: a link" in err[1] and len(data) == len(CLASSES) * PER_CLASS
 
 
 _WORKER_CHILD = """

@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("inference", "distributed"),
     ("training",),
     ("lpips",),
+    ("export",),
     ("cli",),
     ("__init__", "__main__", "_moved"),
 )

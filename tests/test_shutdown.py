@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,4 +96,41 @@ def test_ctrl_c_reaches_every_process_of_the_run_and_still_ends_in_one_line(data
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("stopped by SIGINT at step "), err
     assert len(workers) == 2 and gone(workers, within_s=10), workers
+    assert held and not [name for name in held if os.path.exists(f"/dev/shm/{name}")], held
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_second_signal_stops_at_once_in_one_line_naming_the_checkpoint_to_resume_from(data, tmp_path):
+    workdir = tmp_path / "run"
+    args = train_flags(tiny_config(data, epochs=50, save_every=1, workers=1), workdir)
+    run = subprocess.Popen(
+        [sys.executable, TRAIN_TINY, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((workdir / "checkpoints").glob("[0-9]*"))) < 2:  # training and saving
+            if run.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the run never saved two steps: {run.communicate()[1][-2000:]}")
+            time.sleep(0.05)
+        workers = children(run.pid)
+        held = shared_memory([run.pid, *workers])
+        # A stop request and, right behind it, "now", both reaching the run within its step, before the stop
+        # could end it. Two signals of one kind sent so close would merge into one (the kernel keeps one
+        # pending signal of a kind), so the second is the other kind: SIGTERM from a scheduler, Ctrl-C.
+        run.send_signal(signal.SIGTERM)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    lines = err.splitlines()
+    # Python runs the handlers of signals pending together in their numeric order (SIGINT first).
+    second = re.match(r"stopped at once by a second (SIGTERM|SIGINT): ", lines[0]) if lines else None
+    assert len(lines) == 1 and second, err
+    assert run.returncode == 128 + getattr(signal, second.group(1)), err
+    step = int(re.search(r"--resume will continue from step (\d+) \(", lines[0]).group(1))
+    assert f"({workdir / 'checkpoints' / str(step)})" in lines[0] and (workdir / "checkpoints" / str(step)).is_dir()
+    assert gone(workers, within_s=10), workers
     assert held and not [name for name in held if os.path.exists(f"/dev/shm/{name}")], held

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -337,9 +338,11 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_from_the_cli(data, tmp_path
     needed = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(state))  # as the checkpoint counts
     assert needed > DISK_BYTES
     assert run.returncode == 1, run.stderr
+    # EFBIG is the file-size limit, and the line says so (a full disk says "Free some space").
     assert run.stderr.count("\n") == 1 and run.stderr.startswith(
-        f"error: {tmp_path / 'checkpoints' / '1'}: checkpoint not written (File too large); "
-        f"writing it needs about {needed / 1e6:,.1f} MB, "
+        f"error: {tmp_path / 'checkpoints' / '1'}: checkpoint not written (File too large); a file may not grow "
+        f"past this process's file-size limit ({DISK_BYTES / 1e6:,.1f} MB, `ulimit -f`), and writing it needs "
+        f"about {needed / 1e6:,.1f} MB. Raise the limit"
     ), run.stderr
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
@@ -351,3 +354,75 @@ def test_resume_drops_a_metrics_line_torn_by_a_kill(tmp_path):
     path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6, "val_lo')  # killed mid-append after step 6
     _truncate_metrics(path, 4)
     assert path.read_text() == '{"step": 2}\n{"step": 4}\n'
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_checkpoint_damaged_in_place_is_set_aside_in_one_line_and_the_run_resumes(data, tmp_path):
+    config, run = _config(data, batch_size=12, keep=3), tmp_path / "run"  # saves at steps 2, 3, 4
+    train_and_evaluate(config, run)
+    (run / "final.msgpack").unlink()  # a run stopped after its last checkpoint, before its results
+    (run / "curves.png").unlink()
+    newest = run / "checkpoints" / "4"
+    largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = largest.read_bytes()
+    middle = len(data) // 2  # 4 KiB overwritten in place: the file's size is unchanged
+    largest.write_bytes(data[:middle] + bytes(4096) + data[middle + 4096 :])
+    done = run_python([TRAIN_TINY, *train_flags(config, run), "--resume"], env=pythonpath_with_tests(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    err = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"warning: checkpoint {newest} is damaged"), done.stderr
+    assert "moved to damaged-4" in err[0]
+    assert Checkpoints(run / "checkpoints").all_steps() == [2, 3, 4]  # step 4 trained and saved again
+
+
+def test_resume_refuses_changed_data_and_fewer_epochs_in_one_line_and_writes_nothing(data, tmp_path):
+    train, val = (shutil.copytree(folder, tmp_path / folder.name) for folder in data)
+    workdir, config = tmp_path / "run", _config((train, val), epochs=2, batch_size=12)
+    train_and_evaluate(config, workdir)
+    written = {name: (workdir / name).read_bytes() for name in ("config.json", "data.json", "metrics.jsonl")}
+    with pytest.raises(ValueError, match=r"2 epoch\(s\) are done already, so --epochs 1 leaves nothing to train; "):
+        train_and_evaluate(dataclasses.replace(config, epochs=1), workdir, resume=True)
+    with pytest.raises(ValueError, match=r"--epochs 2 leaves nothing to train; pass --epochs 3 or more"):
+        train_and_evaluate(config, workdir, resume=True)
+    shutil.copy(train / "class_0" / "0.png", train / "class_0" / "extra.png")
+    with pytest.raises(ValueError, match=r"the training data changed since this run began \(24 images then, 25 now\)"):
+        train_and_evaluate(dataclasses.replace(config, epochs=3), workdir, resume=True)
+    (train / "class_0" / "extra.png").unlink()
+    (train / "class_0" / "0.png").write_bytes((train / "class_0" / "1.png").read_bytes() + b"\0")
+    with pytest.raises(ValueError, match=r"same 24 images in number, but files were renamed, replaced or changed"):
+        train_and_evaluate(dataclasses.replace(config, epochs=3), workdir, resume=True)
+    assert {name: (workdir / name).read_bytes() for name in written} == written
+
+
+def test_allowed_data_change_goes_on_with_consistent_epochs_and_says_so(data, tmp_path, capsys):
+    train, val = (shutil.copytree(folder, tmp_path / folder.name) for folder in data)
+    workdir, config = tmp_path / "run", _config((train, val), epochs=2, batch_size=12)  # 2 steps per epoch
+    train_and_evaluate(config, workdir)
+    for c in range(3):  # 24 -> 36 images: 3 steps per epoch from now on
+        for i in range(4):
+            shutil.copy(train / f"class_{c}" / f"{i}.png", train / f"class_{c}" / f"more_{i}.png")
+    more = dataclasses.replace(config, epochs=4, allow_data_change=True)
+    last = train_and_evaluate(more, workdir, resume=True)
+    rows = read_metrics(workdir / "metrics.jsonl")
+    assert [(r["epoch"], r["step"]) for r in rows] == [(1, 2), (2, 4), (3, 7), (4, 10)]
+    assert rows[2]["data_changed"] == "24 images then, 36 now" and "data_changed" not in rows[3]
+    assert last["epoch"] == 4
+    assert "epoch 3 starts on the new data at step 4" in capsys.readouterr().err
+    # StepLR counts the loop's epochs: from step 4 (2 epochs done) an epoch is 3 steps, so with drops every
+    # 3 epochs the rate drops at step 7, where epoch 4 begins (a schedule blind to the change: at step 9).
+    schedule = lr_for_recipe("torchvision", 0.1, 3, step_epochs=3, epoch_base=(4, 2))
+    assert [round(float(schedule(count)), 6) for count in (4, 6, 7, 9)] == [0.1, 0.1, 0.01, 0.01]
+    # Resuming again keeps the new arithmetic: the data now is what data.json records.
+    again = train_and_evaluate(dataclasses.replace(more, epochs=5, allow_data_change=False), workdir, resume=True)
+    assert again["epoch"] == 5 and read_metrics(workdir / "metrics.jsonl")[-1]["step"] == 13
+
+
+def test_half_precision_weights_are_cast_for_training_in_one_line(data, tmp_path, capsys):
+    source = tmp_path / "half.msgpack"
+    params = init_params(tiny_model(3), seed=1, image_size=64)
+    save_variables(source, {"params": jax.tree.map(lambda x: np.asarray(x).astype(np.float16), params)})
+    train_and_evaluate(_config(data, epochs=1, save_every=0, init_from=str(source)), tmp_path / "run")
+    assert f"warning: {source}: weights stored as float16; cast to float32 for training" in capsys.readouterr().err
+    final = load_variables(tmp_path / "run" / "final.msgpack")["params"]
+    assert {np.asarray(leaf).dtype for leaf in jax.tree.leaves(final)} == {np.dtype(np.float32)}

@@ -34,7 +34,7 @@ from alexnet_jax.archs import ARCHS, Arch, register_arch
 from alexnet_jax.models.alexnet import HIDDEN
 from alexnet_jax.models.layers import CONV_ALGORITHMS, POOL_OUTPUT, Conv, adaptive_avg_pool, max_pool
 from alexnet_jax.models.variables import ARCHITECTURES, Architecture
-from alexnet_jax.transforms.augment import eval_transform, train_transform
+from alexnet_jax.transforms.augment import eval_pixels, eval_transform, train_pixels, train_transform
 
 if TYPE_CHECKING:
     from alexnet_jax.training.config import TrainConfig
@@ -111,6 +111,8 @@ ARCH = Arch(
     size_rule=f"at least {MIN_SIZE} (the tiny test network's smallest input)",
     train_transform=train_transform,
     eval_transform=eval_transform,
+    train_pixels=train_pixels,
+    eval_pixels=eval_pixels,
     recipe="torchvision",
     batch_size=256,
     colour_pca="none",

@@ -3,7 +3,9 @@
     alexnet-jax convert --verify          # torchvision's weights, checked against torch, to a .msgpack
     alexnet-jax classify --weights alexnet.msgpack photos/
     alexnet-jax lpips --weights alexnet.msgpack a.png b.png
+    alexnet-jax export --weights alexnet.msgpack --format onnx --output alexnet.onnx
     alexnet-jax train --data train/ --val-data val/ --workdir runs/a
+    alexnet-jax pack train/ --output train-shards/   # ArrayRecord shards that --data reads
 
 `python -m alexnet_jax` is the same command, and so are the scripts `convert/torch_to_flax.py`
 and `examples/{classify,lpips_distance,train}.py` (each its subcommand). `SUBCOMMANDS` is the
@@ -15,7 +17,7 @@ name table: each entry a module of this package whose docstring's first line is 
     run(args) -> int            the work; the exit status
     configure_process()         the process-wide settings it makes when it runs as a program
 
-A new subcommand (`pack`, `export`) is one more such module and one more line in the table.
+A new subcommand is one more such module and one more line in the table.
 
 Importing this package changes nothing process-wide: `main` makes the chosen subcommand's
 settings (`configure_process`), `run` leaves the process as it is (for tests and programs
@@ -28,15 +30,19 @@ import argparse
 import types
 from collections.abc import Sequence
 
-from alexnet_jax.cli import classify, convert, lpips, train
+from alexnet_jax.cli import classify, convert, export, lpips, pack, train
 
 PROG = "alexnet-jax"
-DESCRIPTION = "torchvision's AlexNet and the 2012 paper's in JAX/Flax: convert weights, classify, LPIPS, train."
+DESCRIPTION = (
+    "torchvision's AlexNet and the 2012 paper's in JAX/Flax: convert weights, classify, LPIPS, export, train, pack."
+)
 SUBCOMMANDS: dict[str, types.ModuleType] = {
     "convert": convert,
     "classify": classify,
     "lpips": lpips,
+    "export": export,
     "train": train,
+    "pack": pack,
 }
 
 

@@ -5,7 +5,8 @@
 
 Either layout, recognized from the tensors: torchvision's AlexNet (for `alexnet_jax.AlexNet`)
 or the 2012 paper's (for `alexnet_jax.AlexNet2012`; `alexnet_jax.weights.reference` has its torch
-module). --verify runs the matching torch reference. Needs the `convert` extra (torch).
+module). --verify runs the matching torch reference, and needs the `convert` extra (torch);
+reading .pth files, downloading and converting do not (`alexnet_jax.weights.torch_file`).
 
 Every failure is one line on stderr and a non-zero exit, and no output file is written
 (writes are atomic, and --verify runs before the write; --output is checked for writability
@@ -20,9 +21,13 @@ import signal
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
+
 from alexnet_jax.files import atomic_write_bytes, check_writable_folder
 from alexnet_jax.host_memory import keep_freed_memory
 from alexnet_jax.inference.verify import verify
+from alexnet_jax.models.trees import cast_floating
 from alexnet_jax.models.variables import ARCHITECTURES, ConversionError, variables_architecture
 from alexnet_jax.training.shutdown import exit_status, interrupt_on_signals
 from alexnet_jax.weights.convert import strip_prefix, torch_to_flax
@@ -33,9 +38,12 @@ from alexnet_jax.weights.torchvision import (
     WeightsRecord,
     fetch_state_dict,
     load_checkpoint,
+    require_torch,
 )
 
 EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH = 1, 2, 3
+# --dtype's choices: what the variables file holds.
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--verify",
         action="store_true",
         help="compare torch and Flax logits on sample photos first; exit 3 and write nothing on a mismatch",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="the dtype written (default float32, whatever the source holds: half-precision weights would "
+        "otherwise train in half precision); float16 or bfloat16 keep a smaller file",
     )
     p.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN or Inf")
     p.add_argument("--no-progress", action="store_true", help="no download progress bar")
@@ -96,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         check_writable_folder(output.parent, f"--output {output}: folder")
 
     try:
+        if args.verify:
+            require_torch("--verify (torch's AlexNet on sample photos)")  # before a download and a conversion
         if args.output is not None:
             check_output(args.output)
         if args.checkpoint is not None:
@@ -110,7 +127,11 @@ def run(args: argparse.Namespace) -> int:
             check_output(output)
 
         state_dict = strip_prefix(state_dict)
-        variables = torch_to_flax(state_dict, allow_nonfinite=args.allow_nonfinite)
+        variables, cast = cast_floating(
+            torch_to_flax(state_dict, allow_nonfinite=args.allow_nonfinite), DTYPES[args.dtype]
+        )
+        if cast:
+            print(f"dtype: the source's {', '.join(cast)} weights written as {args.dtype} (--dtype chooses)")
         data = variables_to_bytes(variables, safetensors=is_safetensors(output))
         restored = variables_from_bytes(data, safetensors=is_safetensors(output), name=str(output))
         num_params = sum(a.size for module in restored["params"].values() for a in module.values())

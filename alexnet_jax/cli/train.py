@@ -53,6 +53,7 @@ from alexnet_jax.host_memory import keep_freed_memory
 # TrainConfig's module needs none of the `train` extra (Orbax, Grain, matplotlib): the flags
 # and their checks work without it, and `run` says in one line that it is missing.
 from alexnet_jax.training.config import TrainConfig
+from alexnet_jax.upstream import exit_without_waiting
 
 TRAIN_EXTRA = "training needs the train extra: pip install 'alexnet-jax[train]'"
 
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         from alexnet_jax.training.checkpoint import CheckpointError
         from alexnet_jax.training.loop import NonFiniteLossError, train_and_evaluate
         from alexnet_jax.training.pipeline import DataError
-        from alexnet_jax.training.shutdown import StopRequested
+        from alexnet_jax.training.shutdown import StoppedAtOnce, StopRequested
         from alexnet_jax.training.workdir import WorkdirBusyError
     except ImportError as e:  # Orbax, Grain or matplotlib missing: one line, not a traceback
         print(f"error: {e}; {TRAIN_EXTRA}", file=sys.stderr)
@@ -156,6 +157,11 @@ def run(args: argparse.Namespace) -> int:
             return 1
     try:
         last = train_and_evaluate(args.config, args.workdir, resume=args.resume, overwrite=args.overwrite)
+    except StoppedAtOnce as e:  # a second signal: out now, without waiting for a save in progress
+        print(e, file=sys.stderr)
+        # A normal exit would wait for Orbax's thread to finish the abandoned save; the pipeline's
+        # workers are closed already (the stop unwound through them).
+        exit_without_waiting(e.exit_status)
     except StopRequested as e:  # every process stops at the same step: a normal exit
         print(e, file=sys.stderr)
         return e.exit_status
@@ -181,12 +187,19 @@ def _drop_closed_loop_errors() -> None:
     # After a failed save or restore, TensorStore finishes its pending reads and writes on its
     # own threads and wakes Orbax's asyncio loop, already closed: Python reports each as an
     # unraisable "RuntimeError: Event loop is closed" with a traceback, after the one-line
-    # error. Only those go.
+    # error. The reads a failed restore abandoned are Orbax coroutines closed when collected
+    # ("Exception ignored in: <coroutine ...> GeneratorExit"), and asyncio logs the futures that
+    # gathered them ("exception was never retrieved"). The one-line warning or error said it
+    # all: only those go.
     default = sys.unraisablehook
 
     def hook(unraisable):
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        error, origin = unraisable.exc_value, unraisable.object
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        code = getattr(origin, "cr_code", None)
+        abandoned_read = isinstance(error, GeneratorExit) and code is not None and "orbax" in code.co_filename
+        if not (closed_loop or abandoned_read):
             default(unraisable)
 
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)

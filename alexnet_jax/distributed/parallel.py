@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from alexnet_jax.distributed.peers import LINGER_MARGIN_S, CoordinatorService, PeerWatch
 from alexnet_jax.errors import first_line
-from alexnet_jax.steps import TrainState, apply_step, train_step
+from alexnet_jax.steps import TrainState, apply_step, device_batch, train_step
 from alexnet_jax.upstream import detect_cluster, distributed_state
 
 # "towers" is `distributed.towers`' layout of the 2012 network, built from its model (`make_towers`).
@@ -344,7 +344,7 @@ class Parallel:
         / processes. **Returns:** for "pmap" arrays of shape (devices, n / devices,
         ...), for "sharded" the global arrays (N, ...) split over the devices.
         """
-        batch = {k: batch[k] for k in ("image", "label", "mask")}
+        batch = device_batch(batch)
         if self.mode == "pmap":
             d = self.mesh.size
             batch = {k: v.reshape((d, v.shape[0] // d) + v.shape[1:]) for k, v in batch.items()}
@@ -352,7 +352,7 @@ class Parallel:
 
     def put_eval_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """This process's part of a batch as global arrays split along the mesh (for the jitted `eval_step`)."""
-        batch = {k: batch[k] for k in ("image", "label", "mask")}
+        batch = device_batch(batch)
         return batch if self.mesh is None else place(batch, NamedSharding(self.mesh, P(self.axis)))
 
 

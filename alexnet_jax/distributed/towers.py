@@ -60,7 +60,7 @@ from alexnet_jax.models.alexnet2012 import (
 )
 from alexnet_jax.models.layers import conv2d
 from alexnet_jax.models.variables import check_variables
-from alexnet_jax.steps import apply_step
+from alexnet_jax.steps import apply_step, device_batch
 
 DATA_AXIS = "data"  # as parallel.DATA_AXIS: the batch is split along it
 TOWER_AXIS = "model"  # one tower per device along it
@@ -307,7 +307,7 @@ class Towers:
         return self.put_eval_batch(batch)
 
     def put_eval_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        return place({k: batch[k] for k in ("image", "label", "mask")}, NamedSharding(self.mesh, P(DATA_AXIS)))
+        return place(device_batch(batch), NamedSharding(self.mesh, P(DATA_AXIS)))
 
 
 def make_towers(model: AlexNet2012, *, global_batch: int, micro_steps: int = 1, devices: Any = None) -> Towers:

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from alexnet_jax.files import atomic_write_bytes
+from alexnet_jax.models.trees import params_of
 
 
 def filter_grid(
@@ -53,7 +54,7 @@ def filter_grid(
 
 def save_conv1_filters(path: str | os.PathLike, variables: Mapping[str, Any], **grid_options: Any) -> Path:
     """Draw conv1's kernels (`features_0`, 64 of 11x11x3) as an 8x8 grid PNG at `path`, written atomically."""
-    grid = filter_grid(variables["params"]["features_0"]["kernel"], **grid_options)
+    grid = filter_grid(params_of(variables)["features_0"]["kernel"], **grid_options)
     buffer = io.BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG")
     path = Path(path)

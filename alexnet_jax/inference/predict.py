@@ -31,6 +31,7 @@ from alexnet_jax.archs import get_arch
 from alexnet_jax.inference.labels import class_names
 from alexnet_jax.inference.verify import ParityReport, compare_logits, top_k
 from alexnet_jax.models.alexnet import FEATURE_NAMES, AlexNet
+from alexnet_jax.models.trees import params_of
 from alexnet_jax.models.variables import check_variables, variables_architecture
 from alexnet_jax.steps import crop_averaged_logits
 from alexnet_jax.transforms.augment import EVAL_CROPS
@@ -71,13 +72,30 @@ def _as_model_input(images: Images, arch: str = "torchvision", crops: int = 1) -
             layout = "(N, H, W, 3)" if crops == 1 else f"(N, {crops}, H, W, 3)"
             raise ValueError(f"preprocessed images must be NHWC {layout}, got shape {images.shape}")
         return np.asarray(images, np.float32)
-    if isinstance(images, Image.Image):
-        raise TypeError("expected a batch of images (a list), got one PIL image; wrap it in a list")
+    check_batch(images)
     spec = get_arch(arch)  # "torchvision" at one crop: `preprocess`, torchvision's transforms bit for bit
     arrays = [spec.eval_transform(image, spec.image_size, crops) for image in images]
     if not arrays:
         return np.zeros((0, *((crops,) if crops > 1 else ()), spec.image_size, spec.image_size, 3), np.float32)
     return np.stack(arrays)
+
+
+def check_batch(images: Any) -> None:
+    """Refuse one image given where a batch is expected: a PIL image, or an (H, W), (H, W, 3) or (H, W, 4) array.
+
+    Iterating one image array would take each of its rows for an image: a (256, 385, 3)
+    photo would be classified as 256 "images". A 3-D array whose last axis is not 3 or 4
+    is N greyscale images, and (N, H, W, 3) a batch. **Raises:** TypeError saying how to wrap it.
+    """
+    if isinstance(images, Image.Image):
+        raise TypeError("expected a batch of images (a list), got one PIL image; wrap it in a list")
+    if isinstance(images, np.ndarray | jax.Array) and (
+        images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (3, 4))
+    ):
+        raise TypeError(
+            f"expected a batch of images (a list, or an (N, H, W, 3) array), got one image array of shape "
+            f"{images.shape}; wrap it in a list, or add a batch axis (image[None])"
+        )
 
 
 @functools.cache
@@ -123,7 +141,7 @@ def _run_in_chunks(fn: Callable, variables: Mapping[str, Any], x: np.ndarray, ba
 def _params_only(variables: Mapping[str, Any], arch: str = "torchvision") -> tuple[dict[str, Any], int]:
     # Only 'params': a stale 'intermediates' collection passed back in would be appended to by sow().
     num_classes = check_variables(variables, arch)
-    params = variables["params"] if "params" in variables else variables  # check_variables accepts a bare tree too
+    params = params_of(variables)  # check_variables accepts a bare tree too
     return {"params": jax.device_put(params)}, num_classes
 
 
@@ -150,6 +168,7 @@ def predict_logits(
     **Returns:** float32 array (N, num_classes); with crops=10 the log of the averaged
     softmax (`steps.crop_averaged_logits`), whose softmax is that average.
     """
+    check_batch(images)  # before the variables go to the device
     arch = variables_architecture(variables) if arch is None else arch
     params, num_classes = _params_only(variables, arch)
     x = _as_model_input(images, arch, crops)
@@ -231,6 +250,7 @@ def features(
         raise ValueError(
             f"unknown feature layers {unknown or '(none asked for)'}; choose from {', '.join(FEATURE_NAMES)}"
         )
+    check_batch(images)
     params, num_classes = _params_only(variables)
     x = _as_model_input(images)
     fn = _compiled_features(num_classes, jnp.dtype(dtype).name)

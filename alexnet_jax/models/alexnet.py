@@ -27,8 +27,11 @@ from alexnet_jax.models.layers import (
     Conv,
     adaptive_avg_pool,
     check_conv_algorithm,
+    check_float_images,
+    check_sides,
     max_pool,
 )
+from alexnet_jax.models.trees import AcceptsBareParams, is_bare_params, params_of
 
 # (torchvision index, out channels, kernel, stride, padding). Explicit paddings, never
 # 'SAME': with 'SAME', conv1 would give 56x56 at 224 instead of torchvision's 55x55.
@@ -91,14 +94,25 @@ def trunk_depth(x: jax.Array, layers: Sequence[str]) -> int:
     return last
 
 
+# What to pass instead of integer pixels: the classifier and the trunk compute on normalized floats.
+PREPROCESS_HINT = (
+    "alexnet_jax.preprocess(image) (resize, crop, /255, ImageNet mean and std), or your own normalized floats"
+)
+
+
 def check_images(x: jax.Array, min_size: int, what: str) -> None:
+    """Raise unless `x` is float NHWC RGB with sides of at least `min_size` (symbolic sides with constraints too).
+
+    **Raises:** TypeError for integer images (raw pixels would give wrong numbers without a
+    word); ValueError for another layout or smaller sides.
+    """
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"AlexNet expects NHWC images of shape (N, H, W, 3), got {x.shape}")
-    if min(x.shape[1:3]) < min_size:
-        raise ValueError(f"{what} needs inputs of at least {min_size}x{min_size}, got {x.shape[1]}x{x.shape[2]}")
+    check_float_images(x, what, PREPROCESS_HINT)
+    check_sides(x, min_size, what)
 
 
-class AlexNet(nn.Module):
+class AlexNet(AcceptsBareParams):
     """torchvision.models.AlexNet in Flax linen, NHWC.
 
     Attributes:
@@ -212,14 +226,14 @@ def trunk_features(
     """AlexNet's conv ReLUs as a pure function of (variables, images): use it inside `jit`, `grad`, `vmap`.
 
     Only the five conv layers' parameters are read (variables with any head, or
-    none, work). **Arguments:** variables `{"params": ...}`; x (N, H, W, 3)
+    none, work). **Arguments:** variables `{"params": ...}` or the bare params tree; x (N, H, W, 3)
     normalized images, at least `trunk_min_size` of the deepest layer (31 for
     relu5); layers, some of relu1..relu5. **Returns:** {name: (N, h, w, C)} in
     `layers`' order, in `dtype`: at 224x224, relu1 (N, 55, 55, 64), relu2 (N, 27, 27, 192),
     relu3 (N, 13, 13, 384), relu4 and relu5 (N, 13, 13, 256).
     """
     model = AlexNet(dtype=dtype, conv_algorithm=conv_algorithm)
-    return model.apply({"params": variables["params"]}, x, tuple(layers), method=AlexNet.trunk)
+    return model.apply({"params": params_of(variables)}, x, tuple(layers), method=AlexNet.trunk)
 
 
 def check_num_classes(num_classes: int) -> None:
@@ -237,7 +251,7 @@ def replace_head(variables: Mapping[str, Any], num_classes: int, *, seed: int = 
     **Returns:** a new tree of the same form; classifier_6 kernel (4096, num_classes), bias (num_classes,).
     """
     check_num_classes(num_classes)
-    if "params" in variables:
+    if not is_bare_params(variables):
         return {**variables, "params": replace_head(variables["params"], num_classes, seed=seed)}
     kernel = variables["classifier_6"]["kernel"]
     head = nn.Dense(num_classes, param_dtype=kernel.dtype).init(

@@ -25,8 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alexnet_jax.models.alexnet import HIDDEN, check_num_classes
-from alexnet_jax.models.layers import POOL_OUTPUT, POOL_STRIDE, POOL_WINDOW, Conv, max_pool
+from alexnet_jax.models.alexnet import HIDDEN, PREPROCESS_HINT, check_num_classes
+from alexnet_jax.models.layers import POOL_OUTPUT, POOL_STRIDE, POOL_WINDOW, Conv, check_float_images, max_pool
+from alexnet_jax.models.trees import AcceptsBareParams
 
 # (torch index, out channels, kernel, stride, padding, groups), the paper's section 3.5 and figure 2.
 CONV_LAYERS_2012: tuple[tuple[int, int, int, int, int, int], ...] = (
@@ -199,6 +200,7 @@ def check_input(x: jax.Array) -> None:
     """
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"AlexNet2012 expects NHWC images of shape (N, 227, 227, 3), got {x.shape}")
+    check_float_images(x, "AlexNet2012", PREPROCESS_HINT)
     if stack_sizes(x.shape[1])[-1] != POOL_OUTPUT or stack_sizes(x.shape[2])[-1] != POOL_OUTPUT:
         raise ValueError(
             f"AlexNet2012 needs {INPUT_SIZE}x{INPUT_SIZE} inputs (its conv stack ends at "
@@ -261,7 +263,7 @@ def apply_dropout(x: jax.Array, mask: jax.Array | None, rate: float) -> jax.Arra
     return jnp.where(mask, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
-class AlexNet2012(nn.Module):
+class AlexNet2012(AcceptsBareParams):
     """The 2012 paper's AlexNet in Flax linen, NHWC; 60,965,224 parameters at 1000 classes.
 
     conv1 96@11x11/4 -> ReLU -> LRN -> pool; conv2 256@5x5 pad 2, 2 groups -> ReLU -> LRN -> pool;

@@ -17,10 +17,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.errors import InconclusiveDimensionOperation
 
 from alexnet_jax.models import winograd
 
 POOL_OUTPUT = 6  # torchvision's AdaptiveAvgPool2d((6, 6))
+
+
+def check_float_images(x: jax.Array, what: str, instead: str) -> None:
+    """Refuse integer images in one line: `what` computes on normalized floats, and raw 0-255 pixels would
+    give wrong numbers without a word. `instead` says what to pass (e.g. "alexnet_jax.preprocess(image)").
+    """
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(f"{what} takes float images, got {jnp.dtype(dtype).name}; pass {instead}")
+
+
+def check_sides(x: jax.Array, min_size: int, what: str, why: str = "") -> None:
+    """Raise ValueError unless H and W of an NHWC `x` are at least `min_size`; `why` is said after the size.
+
+    Works on symbolic shapes (`jax.export.symbolic_shape`) too: there the sides must carry
+    constraints that decide the comparison ("h >= 63"), or the error says which to add.
+    """
+    h, w = x.shape[1:3]
+    try:
+        small = h < min_size or w < min_size
+    except InconclusiveDimensionOperation:
+        raise ValueError(
+            f"{what} needs inputs of at least {min_size}x{min_size}{why}; the symbolic sides {h}x{w} may be smaller: "
+            f'give them constraints, e.g. jax.export.symbolic_shape("b, h, w", constraints=("h >= {min_size}", '
+            f'"w >= {min_size}"))'
+        ) from None
+    if small:
+        raise ValueError(f"{what} needs inputs of at least {min_size}x{min_size}{why}, got {h}x{w}")
 
 
 @functools.cache
@@ -50,11 +79,25 @@ def adaptive_avg_pool(x: jnp.ndarray, out: int = POOL_OUTPUT) -> jnp.ndarray:
     **Arguments:** x of shape (N, H, W, C). **Returns:** (N, out, out, C).
     """
     _, h, w, _ = x.shape
-    if h == out and w == out:
+    if h == out and w == out:  # False for symbolic sides, which the matrices then cover
         return x
-    ph = jnp.asarray(adaptive_pool_matrix(h, out), x.dtype)
-    pw = jnp.asarray(adaptive_pool_matrix(w, out), x.dtype)
-    return jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)
+    return jnp.einsum("ih,jw,nhwc->nijc", _pool_weights(h, out, x.dtype), _pool_weights(w, out, x.dtype), x)
+
+
+def _pool_weights(size: Any, out: int, dtype: Any) -> jax.Array:
+    """`adaptive_pool_matrix(size, out)` in `dtype`; for a symbolic `size` (jax.export) built from jnp ops.
+
+    Same windows and the same float32 weights as the numpy matrix, so an exported
+    program computes what `apply` does at every size.
+    """
+    if isinstance(size, int | np.integer):
+        return jnp.asarray(adaptive_pool_matrix(int(size), out), dtype)
+    i = jnp.arange(out)
+    start, end = (i * size) // out, -((-(i + 1) * size) // out)
+    columns = jnp.arange(size)
+    inside = (columns >= start[:, None]) & (columns < end[:, None])
+    weight = jnp.float32(1) / (end - start).astype(jnp.float32)
+    return jnp.where(inside, weight[:, None], jnp.float32(0)).astype(dtype)
 
 
 POOL_WINDOW, POOL_STRIDE = 3, 2  # torchvision's MaxPool2d(kernel_size=3, stride=2), no padding

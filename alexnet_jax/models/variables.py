@@ -20,6 +20,7 @@ import numpy as np
 from alexnet_jax.models.alexnet import CONV_LAYERS, HIDDEN, AlexNet
 from alexnet_jax.models.alexnet2012 import CONV_LAYERS_2012, AlexNet2012
 from alexnet_jax.models.layers import POOL_OUTPUT
+from alexnet_jax.models.trees import params_of
 
 # 256 channels in the 6x6 map that classifier_1 reads: conv5's in both architectures.
 POOLED_CHANNELS = CONV_LAYERS[-1][1]
@@ -159,7 +160,7 @@ def flat_params(variables: Mapping[str, Any]) -> dict[str, Any]:
     """Flax variables (or a bare params tree) -> {"module/leaf": leaf}, leaves as given (no copies)."""
     if not isinstance(variables, Mapping):
         raise ConversionError(f"expected Flax variables (a mapping), got {type(variables).__name__}")
-    params = variables.get("params", variables)
+    params = params_of(variables)
     if not isinstance(params, Mapping):
         raise ConversionError(f"variables['params'] must be a mapping, got {type(params).__name__}")
     flat = {}
@@ -207,3 +208,23 @@ def model_for(variables: Mapping[str, Any], **fields: Any) -> nn.Module:
     """
     arch, num_classes = match_variables(variables, None)
     return ARCHITECTURES[arch].model(num_classes=num_classes, **fields)
+
+
+def trunk_params(
+    variables: Mapping[str, Any], what: str = "the AlexNet trunk (features_0..features_10)"
+) -> dict[str, dict[str, Any]]:
+    """The five conv layers of torchvision AlexNet variables (any head, or none), checked; the rest left out.
+
+    What the trunk's users read (LPIPS, the trunk's export): a classifier may be there, and is
+    not needed. **Returns:** {"features_0": {"kernel", "bias"}, ...}, the leaves as given.
+    **Raises:** ConversionError naming every missing or mis-shaped conv leaf.
+    """
+    flat = flat_params(variables)
+    expected = {k: v for k, v in param_shapes(1000).items() if k.startswith("features_")}
+    found = {k: np.shape(v) for k, v in flat.items() if k.startswith("features_")}
+    check_shapes(found, expected, what)
+    trunk: dict[str, dict[str, Any]] = {}
+    for key in expected:
+        module, leaf = key.split("/")
+        trunk.setdefault(module, {})[leaf] = flat[key]
+    return trunk

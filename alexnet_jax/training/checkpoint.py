@@ -8,14 +8,16 @@ position is not stored: it is a function of (seed, step) (see `alexnet_jax.train
 Orbax writes each step into a temporary folder and renames it when complete, so a
 run killed mid-save leaves the previous checkpoints intact and readable. A save
 that fails (a full disk) removes its temporary folder and raises one line naming
-it and the space it needs. A checkpoint damaged later (a file lost or truncated)
-is set aside as `damaged-<step>` with one line, and `restore` falls back to the
-newest intact one. The val top-1 that ranks "best" is written into each
+it and the space it needs. Each checkpoint carries a digest of every array it holds
+(`digests`), checked when it is restored. A checkpoint damaged later (a file lost or
+truncated, or bytes changed in place) is set aside as `damaged-<step>` with one line, and
+`restore` falls back to the newest intact one. The val top-1 that ranks "best" is written into each
 checkpoint (Orbax's metrics item), so the best survives any number of resumes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -33,6 +35,7 @@ from alexnet_jax.files import NO_SPACE_ERRNOS, no_space_message
 from alexnet_jax.steps import TrainState
 
 BEST_METRIC = "val_top1"
+DIGESTS = "digests"  # the loop record's key for `digests(state)`
 DAMAGED_PREFIX = "damaged-"  # a step folder set aside: Orbax lists only names that are step numbers
 
 
@@ -48,6 +51,32 @@ def _host_copy(tree: Any) -> Any:
     # The next train_step donates the state's buffers while an async save may still be
     # writing; copies on the host keep the checkpoint independent of them.
     return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def digests(tree: Any, dtypes: dict[str, str] | None = None) -> dict[str, str]:
+    """A SHA-256 digest of every array of `tree` (its dtype, shape and bytes), by its path in the tree.
+
+    Saved in each checkpoint's loop record and compared on restore: bytes damaged in place
+    (a disk error, a bad copy, a stray write) that TensorStore would read back without a
+    complaint are found before the run trains on them. `dtypes` (a path's dtype, as the saved
+    digests name it) casts a restored leaf back to the dtype it was saved in first: a restore
+    may widen a scalar (the step) to the template's dtype.
+    """
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = jax.tree_util.keystr(path)
+        array = np.asarray(leaf)
+        if dtypes and key in dtypes:
+            array = array.astype(np.dtype(dtypes[key]), copy=False)
+        array = np.ascontiguousarray(array)
+        h = hashlib.sha256()  # hardware-accelerated on current CPUs: about a second per GB
+        h.update(array.view(np.uint8).reshape(-1) if array.size else b"")
+        out[key] = f"{array.dtype.str}{list(array.shape)}:{h.hexdigest()}"
+    return out
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose arrays do not match the digests saved with them."""
 
 
 class Checkpoints:
@@ -98,7 +127,9 @@ class Checkpoints:
 
     def loop_record(self, step: int) -> dict[str, Any]:
         """The JSON loop record saved with `step` (cheap: the arrays are not read)."""
-        return dict(self._manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"])
+        record = dict(self._manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"])
+        record.pop(DIGESTS, None)
+        return record
 
     def save(self, state: TrainState, loop: dict[str, Any], *, val_top1: float | None = None) -> bool:
         """Checkpoint `state` at its step with the JSON-able `loop` record; `val_top1` ranks it for "best"
@@ -109,8 +140,8 @@ class Checkpoints:
         step = int(state.step)
         if step in self._manager.all_steps():
             return False
-        loop = {**loop, BEST_METRIC: None if val_top1 is None else float(val_top1)}
         tree = _host_copy(_tree(state))
+        loop = {**loop, BEST_METRIC: None if val_top1 is None else float(val_top1), DIGESTS: digests(tree)}
         self.wait()  # Orbax's save waits for the one before anyway; its failure is that step's
         self._pending = (step, sum(leaf.nbytes for leaf in jax.tree.leaves(tree)))
         with _SaveErrors(self):
@@ -173,14 +204,46 @@ class Checkpoints:
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore())
         )
-        tree = restored["state"]
+        tree, loop = restored["state"], dict(restored["loop"])
+        saved = loop.pop(DIGESTS, None)  # None: a checkpoint from before digests were saved
+        if saved is not None:
+            found = digests(tree, {k: v.split("[", 1)[0] for k, v in saved.items()})
+            changed = sorted(k for k in saved.keys() | found.keys() if saved.get(k) != found.get(k))
+            if changed:
+                more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+                raise DamagedCheckpoint(f"the bytes of {changed[0]}{more} differ from the digest saved with them")
         state = template.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"], rng=tree["rng"])
-        return state, dict(restored["loop"])
+        return state, loop
+
+    def saving_step(self) -> int | None:
+        """The step of a save still being written in the background, or None."""
+        if self._pending is not None and self._manager.is_saving_in_progress():
+            return self._pending[0]
+        return None
+
+    def complete_steps(self) -> list[int]:
+        """The steps whose folders are complete on disk (Orbax renames a save's folder to its step when done),
+        read from the directory: what a later run sees, whatever this manager is still writing."""
+        try:
+            return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        except OSError:
+            return []
+
+    def check(self) -> None:
+        """Raise now when the last asynchronous save has failed, instead of at the next save; waits for nothing.
+
+        **Raises:** CheckpointError as `save` does.
+        """
+        # Orbax keeps a failed save's error for the thread that finishes the save, which hands it to
+        # `wait_until_finished`: once no save is in progress, waiting costs nothing and raises it.
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
         """Block until the last save is on disk. **Raises:** CheckpointError when it failed."""
         with _SaveErrors(self):
             self._manager.wait_until_finished()
+        self._pending = None  # on disk: nothing left to check
 
     def close(self) -> None:
         """Finish the last save and stop Orbax's threads. **Raises:** CheckpointError when that save failed."""
@@ -248,7 +311,7 @@ class _SaveErrors:
         checkpoints._manager.reload()
         code = _error_code(error)
         if code in NO_SPACE_ERRNOS:
-            message = no_space_message(folder, needed, f"checkpoint not written ({os.strerror(code)})")
+            message = no_space_message(folder, needed, f"checkpoint not written ({os.strerror(code)})", code)
         else:
             message = f"{folder}: checkpoint not written ({_reason(error)})"
         raise CheckpointError(message) from error

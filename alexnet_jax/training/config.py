@@ -13,10 +13,11 @@ from alexnet_jax.models.alexnet2012 import INIT_NAMES
 from alexnet_jax.models.layers import CONV_ALGORITHMS, check_conv_algorithm
 from alexnet_jax.steps import BASE_LR, EPOCHS, LR_STEP_EPOCHS, scaled_lr
 from alexnet_jax.training.recipe import RECIPES, default_weight_decay
-from alexnet_jax.transforms.augment import EVAL_CROPS
+from alexnet_jax.transforms.augment import DECODE_MODES, EVAL_CROPS, check_decode
 
 # Fields that decide the trajectory: a resumed run must have the same ones to end where an
-# uninterrupted run would. `epochs` may grow (StepLR does not depend on it); `workers` changes nothing.
+# uninterrupted run would. `epochs` may grow (StepLR does not depend on it); `workers` changes
+# nothing; `init` neither (a resumed run's parameters are the checkpoint's).
 RUN_DEFINING = (
     "data",
     "arch",
@@ -30,12 +31,15 @@ RUN_DEFINING = (
     "lr_step_epochs",
     "patience",
     "num_classes",
-    "init",
     "init_from",
     "freeze_features",
     "parallel",
     "micro_batches",
+    "decode",
 )
+# What a run from before a field existed did, for a config.json that lacks the field: the
+# pipeline decoded every image whole before `decode` was a setting.
+EARLIER_DEFAULTS = {"decode": "exact"}
 
 
 # Layouts that compute the same trajectory: the two towers draw the sharded layout's dropout
@@ -88,8 +92,8 @@ class TrainConfig:
     flag's help in `alexnet-jax train`.
     """
 
-    data: str = _setting(help="training ImageFolder root")
-    val_data: str = _setting(help="validation ImageFolder root (same class folders)")
+    data: str = _setting(help="training images: an ImageFolder root, or a folder of `alexnet-jax pack` shards")
+    val_data: str = _setting(help="validation images: an ImageFolder root (same class folders), or shards")
     epochs: int = _setting(EPOCHS, help="passes over --data")
     batch_size: int | None = _setting(None, help="global batch (default: 256; 128 for --arch 2012)")
     lr: float | None = _setting(None, help="learning rate (default 0.01 * batch-size / 256; / 128 for --arch 2012)")
@@ -135,6 +139,12 @@ class TrainConfig:
         help="validation: the centre crop, or the softmax averaged over the 4 corners, the centre and their "
         "mirrors (torchvision's TenCrop order; 10x the eval compute)",
     )
+    decode: str = _setting(
+        "reduced",
+        choices=DECODE_MODES,
+        help="reduced: JPEGs decoded at 1/2, 1/4 or 1/8 scale where the crop keeps its pixels (faster; pixels "
+        "differ slightly, crops and flips do not); exact: every image decoded whole, torchvision's pixels",
+    )
     weight_decay: float | None = _setting(None, help="default: the recipe's")
     lr_step_epochs: int = _setting(LR_STEP_EPOCHS, help="torchvision recipe: epochs between the rate's drops")
     patience: int = _setting(1, help="paper recipe: epochs without improvement")
@@ -147,6 +157,11 @@ class TrainConfig:
         0,
         help="image-decoding processes; 0 decodes in threads of this process",
         cli_default=min(4, os.cpu_count() or 1) - 1,
+    )
+    allow_data_change: bool = _setting(
+        False,
+        help="with --resume: go on although the training data changed since the run began (files added, removed "
+        "or changed); the run continues from the step resumed, a fresh epoch on the new data",
     )
     save_every: int = _setting(1000, help="checkpoint every N steps, 0 for epoch ends only")
     keep: int = _setting(3, help="checkpoints kept besides the best")
@@ -188,6 +203,7 @@ class TrainConfig:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
         if self.colour_pca is not None and self.colour_pca not in COLOUR_PCA_CHOICES:
             raise ValueError(f"unknown colour-pca {self.colour_pca!r}; expected one of {', '.join(COLOUR_PCA_CHOICES)}")
+        check_decode(self.decode)
         if self.eval_crops not in EVAL_CROPS:
             raise ValueError(f"eval-crops must be one of {', '.join(map(str, EVAL_CROPS))}, got {self.eval_crops}")
         if self.lr is not None and not self.lr > 0:

@@ -14,16 +14,19 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from alexnet_jax.distributed.parallel import over_processes, sum_over_processes
 from alexnet_jax.files import atomic_write_bytes, check_writable_folder
+from alexnet_jax.models.trees import cast_floating
 from alexnet_jax.models.variables import check_variables
 from alexnet_jax.steps import (
     TrainState,
@@ -39,14 +42,17 @@ from alexnet_jax.training.config import TrainConfig
 from alexnet_jax.training.metrics import CURVES_FILE, METRICS_FILE, plot_curves, truncate_metrics
 from alexnet_jax.training.pipeline import eval_batches, train_batches
 from alexnet_jax.training.recipe import Plateau
-from alexnet_jax.training.run import Run, colour_pca_values, resolve_run
-from alexnet_jax.training.shutdown import StopRequested, StopSignals
+from alexnet_jax.training.run import Run, colour_pca_values, make_tx, resolve_run
+from alexnet_jax.training.shutdown import Interrupted, StoppedAtOnce, StopRequested, StopSignals
+from alexnet_jax.training.sources import fingerprint
 from alexnet_jax.training.workdir import (
     CHECKPOINT_DIR,
     COLOUR_PCA_FILE,
     FINAL_VARIABLES_FILE,
+    check_epochs_left,
+    check_workdir,
     own_workdir,
-    prepare_workdir,
+    write_run_files,
 )
 from alexnet_jax.transforms.augment import ColourPCA
 from alexnet_jax.weights.serialization import load_variables, save_variables
@@ -63,9 +69,22 @@ def _initial_params(run: Run) -> dict[str, Any]:
     params = load_variables(config.init_from, device=False)["params"]
     # Weights of the other architecture would fail deep inside the first step: say so here.
     check_variables(params, run.arch.name)
+    params = _as_param_dtype(params, np.dtype(getattr(run.model, "param_dtype", np.float32)), config.init_from)
     if params["classifier_6"]["kernel"].shape[1] != config.num_classes:
         # Fine-tuning: keep the body, draw a new head for this data set's classes as the run's init does.
         params = run.arch.replace_head(params, config.num_classes, seed=config.seed, init=config.init)
+    return params
+
+
+def _as_param_dtype(params: Any, dtype: np.dtype, source: str) -> Any:
+    """`params` in the model's parameter dtype, with one line when that cast any (`trees.cast_floating`)."""
+    params, cast = cast_floating(params, dtype)
+    if cast:
+        print(
+            f"warning: {source}: weights stored as {', '.join(cast)}; cast to {dtype.name} for training",
+            file=sys.stderr,
+            flush=True,
+        )
     return params
 
 
@@ -120,6 +139,12 @@ def train_and_evaluate(
         checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, keep=run.config.keep)
         try:
             last = _train(run, workdir, checkpoints, resume, on_checkpoint, stop)
+        except Interrupted as e:
+            # A second signal: the user wants out now, so a save in progress is not waited for.
+            complete = checkpoints.complete_steps()
+            raise StoppedAtOnce(
+                e.signum, checkpoints.saving_step(), complete[-1] if complete else None, str(checkpoints.directory)
+            ) from None
         except BaseException:
             # Also when the workdir, the weights or a restore are refused. A failed save
             # was already raised; closing must not replace the error being raised.
@@ -141,7 +166,8 @@ def _train(
     """The loop of `train_and_evaluate`, once it owns the workdir and its checkpoint manager exists."""
     config, parallel, per_epoch = run.config, run.parallel, run.steps_per_epoch
     primary, shard = jax.process_index() == 0, {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
-    prepare_workdir(workdir, config, resume, checkpoints.latest_step())
+    data = fingerprint(run.train_data)
+    data_change = check_workdir(workdir, config, resume, checkpoints.latest_step(), data=data)
 
     colour_pca = _colour_pca(run, workdir, primary)
     state = create_train_state(run.model, _initial_params(run), run.tx, seed=config.seed)
@@ -154,24 +180,45 @@ def _train(
     }
     metrics_path = workdir / METRICS_FILE
     if resume:
-        state, loop = checkpoints.restore(state)
-        if primary:
-            truncate_metrics(metrics_path, int(state.step))
+        state, loop = checkpoints.restore(state)  # the newest intact checkpoint: its epochs are the ones done
+        check_epochs_left(workdir, config, int(loop.get("epoch", 0)))
+    # Checked: from here on the workdir is this run's.
+    write_run_files(workdir, config, data, replace_data=not resume or data_change is not None)
+    if resume and primary:
+        truncate_metrics(metrics_path, int(state.step))
     elif metrics_path.exists() and primary:
         metrics_path.unlink()
     state = parallel.put_state(state)
     plateau = Plateau(**loop["plateau"])
     step = first_step = int(state.step)
+    if data_change is not None:
+        # Allowed: the new data's epochs count from here, the one in progress ends unfinished.
+        loop.update(epoch_base=[step, int(loop.get("epoch", 0))], epoch_loss=0.0, epoch_top1=0.0, epoch_steps=0)
+        if primary:
+            print(
+                f"warning: {config.data}: {data_change}; epoch {loop['epoch_base'][1] + 1} starts on the new data "
+                f"at step {step}",
+                file=sys.stderr,
+                flush=True,
+            )
+    # (step, epoch) where the current data began: (0, 0), or the resume that allowed a data change.
+    base_step, base_epoch = loop.setdefault("epoch_base", [0, 0])
+    if (base_step, base_epoch) != (0, 0):  # the schedule's epochs are the loop's (same optimizer state)
+        state = state.replace(tx=make_tx(config, per_epoch, (base_step, base_epoch)))
+    total_steps = base_step + (config.epochs - base_epoch) * per_epoch
+
+    def epoch_of(step: int) -> int:
+        return base_epoch + (step - base_step) // per_epoch
 
     def save(val_top1: float | None = None) -> None:
-        record = {**loop, "plateau": dataclasses.asdict(plateau), "epoch": step // per_epoch}
+        record = {**loop, "plateau": dataclasses.asdict(plateau), "epoch": epoch_of(step)}
         if checkpoints.save(state, record, val_top1=val_top1) and on_checkpoint is not None:
             checkpoints.wait()
             on_checkpoint(step)
 
     last: dict[str, Any] = {}
     bar = tqdm(
-        total=run.total_steps, initial=step, unit="step", disable=not (config.progress and primary), dynamic_ncols=True
+        total=total_steps, initial=step, unit="step", disable=not (config.progress and primary), dynamic_ncols=True
     )
     started, images = time.perf_counter(), 0
     batches = train_batches(
@@ -180,10 +227,12 @@ def _train(
         image_size=config.image_size,
         seed=config.seed,
         start_step=step,
-        num_steps=run.total_steps,
+        num_steps=total_steps,
         workers=config.workers,
         arch=run.arch,
         colour_pca=colour_pca,
+        decode=config.decode,
+        epoch_base=(base_step, base_epoch),
         **shard,
     )
     try:
@@ -201,6 +250,7 @@ def _train(
             # Counted once the batch is trained: a stopped run's resume reads this batch again.
             loop["skipped"] += int(flags[:, 0].sum())
             state, metrics = parallel.step(state, parallel.put_batch(batch))
+            checkpoints.check()  # a save that failed in the background stops the run here, not a save later
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
                 good = checkpoints.latest_step()
@@ -210,8 +260,7 @@ def _train(
                     else "no checkpoint was written yet"
                 )
                 raise NonFiniteLossError(
-                    f"loss is {loss} at step {step + 1} (epoch {step // per_epoch + 1}); stopped, {kept}. "
-                    "Try a lower --lr"
+                    f"loss is {loss} at step {step + 1} (epoch {epoch_of(step) + 1}); stopped, {kept}. Try a lower --lr"
                 )
             step += 1
             loop["epoch_loss"] += loss
@@ -220,7 +269,7 @@ def _train(
             images += config.batch_size
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / (time.perf_counter() - started):.1f}")
-            if step % per_epoch == 0:
+            if (step - base_step) % per_epoch == 0:
                 val = evaluate(
                     state,
                     eval_batches(
@@ -230,13 +279,14 @@ def _train(
                         workers=config.workers,
                         arch=run.arch,
                         crops=config.eval_crops,
+                        decode=config.decode,
                         **shard,
                     ),
                     parallel.put_eval_batch,
                 )
                 last = {
                     "step": step,
-                    "epoch": step // per_epoch,
+                    "epoch": epoch_of(step),
                     "train_loss": loop["epoch_loss"] / loop["epoch_steps"],
                     "train_top1": loop["epoch_top1"] / loop["epoch_steps"],
                     "val_loss": val["loss"],
@@ -246,6 +296,8 @@ def _train(
                     "skipped_train": loop["skipped"],
                     "skipped_val": val["skipped"],
                 }
+                if data_change is not None:  # the first epoch on data changed at a resume says so, once
+                    last["data_changed"], data_change = data_change, None
                 if config.recipe == "paper" and plateau.update(val["top1"]):
                     state = parallel.put_state(set_learning_rate(state, current_learning_rate(state) * plateau.factor))
                 loop.update(epoch_loss=0.0, epoch_top1=0.0, epoch_steps=0)

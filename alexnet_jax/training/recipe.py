@@ -49,11 +49,18 @@ class Plateau:
 
 
 def lr_for_recipe(
-    recipe: str, lr: float, steps_per_epoch: int, *, step_epochs: int = LR_STEP_EPOCHS
+    recipe: str,
+    lr: float,
+    steps_per_epoch: int,
+    *,
+    step_epochs: int = LR_STEP_EPOCHS,
+    epoch_base: tuple[int, int] = (0, 0),
 ) -> float | Callable:
-    """The learning rate argument for `make_optimizer`: a StepLR schedule (torchvision) or a constant (paper)."""
+    """The learning rate argument for `make_optimizer`: a StepLR schedule (torchvision) or a constant (paper).
+
+    `epoch_base`: see `steps.step_schedule`."""
     if recipe == "torchvision":
-        return step_schedule(lr, steps_per_epoch, step_epochs=step_epochs)
+        return step_schedule(lr, steps_per_epoch, step_epochs=step_epochs, epoch_base=epoch_base)
     if recipe == "paper":
         return lr
     raise ValueError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")

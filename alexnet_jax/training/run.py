@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
 import optax
 
 from alexnet_jax.archs import Arch, get_arch
@@ -20,8 +21,9 @@ from alexnet_jax.distributed.parallel import Parallel, make_parallel
 from alexnet_jax.distributed.towers import Towers, check_towers, make_towers
 from alexnet_jax.steps import make_optimizer
 from alexnet_jax.training.config import TrainConfig
-from alexnet_jax.training.pipeline import ImageFolder, colour_pca_from_folder, image_folder, steps_per_epoch
+from alexnet_jax.training.pipeline import check_shared_memory, colour_pca_from_folder, steps_per_epoch
 from alexnet_jax.training.recipe import RECIPE_RULES, lr_for_recipe
+from alexnet_jax.training.sources import ImageFolder, ShardSet, open_data
 from alexnet_jax.transforms.augment import IMAGENET_PCA, ColourPCA
 
 
@@ -34,20 +36,16 @@ class Run:
     model: nn.Module  # the arch's, with the config's classes and conv algorithm; no parameters yet
     tx: optax.GradientTransformation  # the recipe's schedule, momentum rule and weight decay
     parallel: Parallel | Towers  # where the state and batches live, the compiled step
-    train_data: ImageFolder
-    val_data: ImageFolder  # indexed with the training set's classes
+    train_data: ImageFolder | ShardSet
+    val_data: ImageFolder | ShardSet  # indexed with the training set's classes
     steps_per_epoch: int  # full global batches per epoch (at least 1)
     colour_pca: str  # "imagenet", "folder" or "none": the config's choice, else the arch's
-
-    @property
-    def total_steps(self) -> int:
-        return self.config.epochs * self.steps_per_epoch
 
 
 def resolve_run(config: TrainConfig) -> Run:
     """Check `config`, fill in its defaults, index the data and build the model, optimizer and device layout.
 
-    Reads the two folders' listings, no image. The checks run in this order: the config
+    Reads the two folders' listings (or the shards' manifests), no image. The checks run in this order: the config
     (`TrainConfig.validate`), the batch against the devices (before any data is read:
     a usage error), the folders, the number of classes, one batch per epoch.
     **Raises:** ValueError (config, a batch that does not split over the devices, fewer
@@ -60,23 +58,21 @@ def resolve_run(config: TrainConfig) -> Run:
         check_towers(global_batch=config.batch_size, micro_steps=config.micro_batches)
     else:
         parallel = make_parallel(config.parallel, global_batch=config.batch_size, micro_steps=config.micro_batches)
-    train_data = image_folder(config.data)
-    val_data = image_folder(config.val_data, classes=train_data.classes)
+    train_data = open_data(config.data)
+    val_data = open_data(config.val_data, classes=train_data.classes)
     config = config.resolved(len(train_data.classes))
     if config.num_classes < len(train_data.classes):
         raise ValueError(
             f"num-classes {config.num_classes} is less than the {len(train_data.classes)} class folders "
             f"in {config.data}"
         )
+    if config.workers > 0:  # before the workdir is touched: a container's small /dev/shm
+        largest = config.batch_size // jax.process_count() * config.eval_crops * config.image_size**2 * 3
+        check_shared_memory(largest, config.workers)
     per_epoch = steps_per_epoch(len(train_data), config.batch_size)
     if per_epoch == 0:
         raise ValueError(f"{config.data}: {len(train_data)} images is less than one batch of {config.batch_size}")
-    tx = make_optimizer(
-        lr_for_recipe(config.recipe, config.lr, per_epoch, step_epochs=config.lr_step_epochs),
-        weight_decay=config.weight_decay,
-        freeze_features=config.freeze_features,
-        rule=RECIPE_RULES[config.recipe],
-    )
+    tx = make_tx(config, per_epoch)
     # An architecture with one initialization of its own takes no `init` (config.init is None then).
     init = {} if config.init is None else {"init": config.init}
     model = arch.model(config.num_classes, config.conv_algorithm, **init)
@@ -106,3 +102,19 @@ def colour_pca_values(run: Run, *, progress: bool = False) -> ColourPCA | None:
     if run.colour_pca == "imagenet":
         return IMAGENET_PCA
     return colour_pca_from_folder(run.train_data, seed=run.config.seed, progress=progress)
+
+
+def make_tx(config: TrainConfig, steps_per_epoch: int, epoch_base: tuple[int, int] = (0, 0)):
+    """The optimizer of a resolved `config`: its recipe's schedule, momentum rule and weight decay.
+
+    `epoch_base` (step, epoch) where the current data began (a run resumed on changed data), so
+    that the schedule's epochs are the loop's.
+    """
+    return make_optimizer(
+        lr_for_recipe(
+            config.recipe, config.lr, steps_per_epoch, step_epochs=config.lr_step_epochs, epoch_base=epoch_base
+        ),
+        weight_decay=config.weight_decay,
+        freeze_features=config.freeze_features,
+        rule=RECIPE_RULES[config.recipe],
+    )

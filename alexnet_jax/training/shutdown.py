@@ -9,11 +9,12 @@
 Slurm, Kubernetes and preemptible TPU VMs send SIGTERM and wait a grace period
 before SIGKILL; Ctrl-C sends SIGINT. Both become a request that the training loop
 honours at the next step boundary (save, then stop), so nothing is lost and no
-traceback is printed. A second signal of either kind restores the previous
-handlers and delivers itself again: a user who presses Ctrl-C twice gets out at
-once. The exit status after a stop is 128 + the signal number (143 for SIGTERM,
-130 for SIGINT), what shells and schedulers report for a process ended by that
-signal.
+traceback is printed. A second signal of either kind raises `Interrupted` at once
+(the training loop turns it into `StoppedAtOnce`, which says whether a save was
+abandoned and where `--resume` will continue) and restores the previous handlers: a
+user who presses Ctrl-C twice gets out at once. The exit status after a stop is 128
++ the signal number (143 for SIGTERM, 130 for SIGINT), what shells and schedulers
+report for a process ended by that signal.
 
 SIGKILL cannot be caught. What it must not leave behind are the data-loading
 worker processes and the shared memory they hold: `worker_init` runs in each
@@ -78,10 +79,11 @@ class StopSignals:
         if self.received is None:
             self.received = signum
             return
-        # Asked twice: the user means now. The previous handler (KeyboardInterrupt for
-        # SIGINT, the default end for SIGTERM) takes the signal again.
+        # Asked twice: the user means now. `Interrupted` unwinds the run from wherever it is
+        # (a save it was waiting for included), so the data workers are still closed and the
+        # caller can say what was left; a third signal meets the previous handlers.
         self._restore()
-        signal.raise_signal(signum)
+        raise Interrupted(signum)
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -98,6 +100,29 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+class StoppedAtOnce(Interrupted):
+    """A second signal ended the run at once: where it was, and which checkpoint `--resume` will continue from."""
+
+    def __init__(self, signum: int, abandoned: int | None, resume_from: int | None, directory: str) -> None:
+        super().__init__(signum)
+        self.abandoned, self.resume_from, self.directory = abandoned, resume_from, directory
+        name = signal.Signals(signum).name
+        what = f"the save of step {abandoned} was abandoned" if abandoned is not None else "no save was in progress"
+        where = (
+            f"--resume will continue from step {resume_from} ({directory}/{resume_from})"
+            if resume_from is not None
+            else "no checkpoint is complete yet: start again without --resume"
+        )
+        self.message = f"stopped at once by a second {name}: {what}; {where}"
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def exit_status(self) -> int:
+        return exit_status(self.signum)
 
 
 def interrupt_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> None:

@@ -22,17 +22,20 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 
 from alexnet_jax.distributed.parallel import over_processes
 from alexnet_jax.files import atomic_write_bytes
-from alexnet_jax.training.config import TrainConfig, run_defining, same_trajectory
+from alexnet_jax.training.config import EARLIER_DEFAULTS, TrainConfig, run_defining, same_trajectory
 from alexnet_jax.training.metrics import CURVES_FILE, METRICS_FILE
+from alexnet_jax.training.sources import fingerprint_change
 
 LOCK_FILE = "run.lock"
 FINAL_VARIABLES_FILE = "final.msgpack"
 CONFIG_FILE = "config.json"
+DATA_FILE = "data.json"  # the training data's fingerprint, checked on --resume
 COLOUR_PCA_FILE = "colour_pca.json"
 CHECKPOINT_DIR = "checkpoints"
 # What a finished run leaves: never replaced without --resume or --overwrite. (config.json
@@ -109,7 +112,16 @@ def remove_results(workdir: str | os.PathLike, names: tuple[str, ...]) -> None:
             path.unlink(missing_ok=True)
 
 
-def prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: int | None) -> None:
+def check_workdir(
+    workdir: Path, config: TrainConfig, resume: bool, latest: int | None, *, data: dict[str, Any] | None = None
+) -> str | None:
+    """Check, writing nothing, that `workdir` can hold this run: a new one, or the same run resumed.
+
+    A resumed run must have the same run-defining settings and the same training data (its
+    `fingerprint`, unless `config.allow_data_change`). Then `write_run_files`.
+    **Returns:** what changed in the training data since the run began (allowed), or None.
+    **Raises:** FileNotFoundError, FileExistsError, ValueError, each one line.
+    """
     config_path = workdir / CONFIG_FILE
     if resume and latest is None:
         raise FileNotFoundError(f"{workdir}: no checkpoint to resume from (start without --resume)")
@@ -126,8 +138,8 @@ def prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: in
         )
     if resume and config_path.is_file():
         saved = json.loads(config_path.read_text())
-        # A field missing from an older config.json had its default then.
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        # A field missing from an older config.json had its default then, or the earlier behaviour.
+        defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **EARLIER_DEFAULTS}
         changed = [
             f"{k} ({saved.get(k, defaults[k])!r} -> {getattr(config, k)!r})"
             for k in run_defining(config)
@@ -135,8 +147,34 @@ def prepare_workdir(workdir: Path, config: TrainConfig, resume: bool, latest: in
         ]
         if changed:
             raise ValueError(f"{workdir}: cannot resume exactly with a different {', '.join(changed)}")
+    data_path, change = workdir / DATA_FILE, None
+    if resume and data is not None and data_path.is_file():
+        change = fingerprint_change(json.loads(data_path.read_text()), data)
+        if change is not None and not config.allow_data_change:
+            raise ValueError(
+                f"{config.data}: the training data changed since this run began ({change}), so a resumed run would "
+                "not read the batches it would have read; restore the data, or pass --allow-data-change to go on "
+                "with the new data from the step resumed"
+            )
+    return change
+
+
+def check_epochs_left(workdir: Path, config: TrainConfig, done_epochs: int) -> None:
+    """**Raises:** ValueError, one line, when a resumed run's checkpoint has done `config.epochs` already."""
+    if config.epochs <= done_epochs:
+        raise ValueError(
+            f"{workdir}: {done_epochs} epoch(s) are done already, so --epochs {config.epochs} leaves nothing to "
+            f"train; pass --epochs {done_epochs + 1} or more to go on"
+        )
+
+
+def write_run_files(workdir: Path, config: TrainConfig, data: dict[str, Any] | None, *, replace_data: bool) -> None:
+    """config.json, and the training data's fingerprint (data.json) when there is none or `replace_data`."""
     if jax.process_index() == 0:
-        atomic_write_bytes(config_path, (json.dumps(dataclasses.asdict(config), indent=2) + "\n").encode())
+        atomic_write_bytes(workdir / CONFIG_FILE, (json.dumps(dataclasses.asdict(config), indent=2) + "\n").encode())
+        data_path = workdir / DATA_FILE
+        if data is not None and (replace_data or not data_path.is_file()):
+            atomic_write_bytes(data_path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 @contextlib.contextmanager
@@ -153,7 +191,7 @@ def own_workdir(workdir: Path, overwrite: bool):
     try:
         if overwrite:
             if jax.process_index() == 0:
-                remove_results(workdir, (CHECKPOINT_DIR, CONFIG_FILE, *RESULT_FILES))
+                remove_results(workdir, (CHECKPOINT_DIR, CONFIG_FILE, DATA_FILE, *RESULT_FILES))
             over_processes(0)  # the others wait until it is cleared
         yield
     finally:

@@ -4,11 +4,17 @@
     x = paper_train_transform(image, 227, rng)              # 256x256, random 227 crop + flip
     x = IMAGENET_PCA.apply(x, rng)                          # + the paper's PCA colour noise
     xs = paper_eval_transform(image, 227, crops=10)         # (10, 227, 227, 3), TenCrop's order
+    x = train_pixels(image, 224, rng, decode="reduced")     # uint8, the training pipeline's
 
-Every function takes a PIL image of any mode (see `transforms.preprocess.to_model_mode`) and
-returns float32 NHWC arrays normalized as `alexnet_jax.transforms.preprocess` does, so both
-architectures see inputs on the same scale. Needs only numpy and Pillow: the data
-pipeline (`alexnet_jax.training.pipeline`) and `predict` both use it.
+Every function takes a PIL image of any mode (see `transforms.preprocess.to_model_mode`). The
+`*_transform` functions return float32 NHWC arrays normalized as `alexnet_jax.transforms.preprocess`
+does, so both architectures see inputs on the same scale; `predict` uses them. The `*_pixels`
+functions return the same images as uint8 before normalization (`preprocess.to_uint8_rgb`), a
+quarter of the bytes, which the training pipeline hands to the device to normalize there.
+With `decode="reduced"` they ask JPEG's decoder for a 1/2, 1/4 or 1/8 scale image when the crop
+still has at least the output's pixels there (`images.reduce_on_decode`): the crop boxes, flips
+and random draws are those of `decode="exact"`, the pixels differ slightly. Needs only numpy
+and Pillow.
 
 The paper (Krizhevsky, Sutskever & Hinton 2012, sections 2 and 4.1): every image is
 first rescaled so its shorter side is 256 and its central 256x256 patch kept; training
@@ -24,11 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from PIL import Image
 
+from alexnet_jax.transforms.images import decode as decode_pixels
+from alexnet_jax.transforms.images import reduce_on_decode
 from alexnet_jax.transforms.preprocess import (
     CROP_SIZE,
     MEAN_RGB,
@@ -37,9 +45,9 @@ from alexnet_jax.transforms.preprocess import (
     as_pil,
     center_crop,
     normalize,
-    preprocess,
-    resize_shorter,
+    shorter_side_to,
     to_model_mode,
+    to_uint8_rgb,
 )
 
 # torchvision's RandomResizedCrop defaults and its reference recipe's flip probability.
@@ -54,6 +62,35 @@ PAPER_SQUARE_SIZE = 256
 EVAL_CROPS = (1, 10)
 # The paper's standard deviation of the alphas.
 PCA_ALPHA_STD = 0.1
+# How the training pipeline decodes: the full image ("exact", torchvision's pixels) or a JPEG
+# reduced while decoding to no less than the crop needs ("reduced").
+DECODE_MODES = ("reduced", "exact")
+
+# What a transform's image array becomes at the end: normalized float32 or uint8 pixels.
+Finish = Callable[[np.ndarray], np.ndarray]
+
+
+def check_decode(decode: str) -> None:
+    """**Raises:** ValueError unless `decode` is one of DECODE_MODES."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+
+
+def resize_region(image: Image.Image | np.ndarray, size: tuple[int, int], box, decode: str = "exact") -> Image.Image:
+    """The region `box` (left, top, right, bottom) of `image`, resized to `size` with PIL's bilinear, in model mode.
+
+    "exact" decodes everything, crops and resizes (torchvision's `resized_crop`); "reduced"
+    first asks the decoder for the smallest image that still has `size` pixels in the box.
+    """
+    image = as_pil(image)
+    left, top, right, bottom = box
+    factor = reduce_on_decode(image, right - left, bottom - top, *size) if decode == "reduced" else 1.0
+    image = to_model_mode(decode_pixels(image))
+    if factor == 1.0:
+        if box != (0, 0, *image.size):
+            image = image.crop(box)
+        return image if image.size == size else image.resize(size, Image.BILINEAR)
+    return image.resize(size, Image.BILINEAR, box=tuple(v * factor for v in box))
 
 
 def _flip(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -97,16 +134,36 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def _train_crop(image: Image.Image, image_size: int, rng: np.random.Generator, decode: str) -> np.ndarray:
+    left, top, w, h = random_resized_crop_box(*image.size, rng)
+    crop = resize_region(image, (image_size, image_size), (left, top, left + w, top + h), decode)
+    return np.asarray(_flip(crop, rng))
+
+
 def train_transform(image: Image.Image, image_size: int, rng: np.random.Generator) -> np.ndarray:
     """RandomResizedCrop(image_size) + horizontal flip (p 0.5), then `preprocess`'s normalization.
 
     **Returns:** float32 (image_size, image_size, 3), normalized, NHWC.
     """
-    image = to_model_mode(image)
-    left, top, w, h = random_resized_crop_box(*image.size, rng)
-    # crop, then resize (torchvision's resized_crop), with PIL's antialiasing bilinear.
-    image = image.crop((left, top, left + w, top + h)).resize((image_size, image_size), Image.BILINEAR)
-    return normalize(np.asarray(_flip(image, rng)))
+    return normalize(_train_crop(image, image_size, rng, "exact"))
+
+
+def train_pixels(image: Image.Image, image_size: int, rng: np.random.Generator, decode: str = "exact") -> np.ndarray:
+    """`train_transform`'s crop and flip (the same draws from `rng`) as uint8 pixels.
+
+    **Returns:** uint8 (image_size, image_size, 3), NHWC.
+    """
+    return to_uint8_rgb(_train_crop(image, image_size, rng, decode))
+
+
+def _eval_crops(image: Image.Image, image_size: int, crops: int, resize_size: int, finish: Finish, decode: str):
+    # Resize(resize_size) + CenterCrop(image_size) or TenCrop(image_size), `finish`ed.
+    _check_crops(crops)
+    image = as_pil(image)
+    resized = np.asarray(resize_region(image, shorter_side_to(*image.size, resize_size), (0, 0, *image.size), decode))
+    # One crop is finished alone (less to normalize); ten crops come from the finished image,
+    # which is three-channel whatever the mode.
+    return finish(center_crop(resized, image_size)) if crops == 1 else ten_crop(finish(resized), image_size)
 
 
 def eval_transform(image: Image.Image, image_size: int = CROP_SIZE, crops: int = 1) -> np.ndarray:
@@ -116,14 +173,24 @@ def eval_transform(image: Image.Image, image_size: int = CROP_SIZE, crops: int =
     evaluation of torchvision models.
     **Returns:** float32 (S, S, 3), or (10, S, S, 3) for `crops=10`; normalized, NHWC.
     """
-    _check_crops(crops)
-    if crops == 1:
-        return preprocess(image, resize_size=eval_resize_size(image_size), crop_size=image_size)
-    resized = resize_shorter(to_model_mode(as_pil(image)), eval_resize_size(image_size))
-    return ten_crop(normalize(np.asarray(resized)), image_size)
+    return _eval_crops(image, image_size, crops, eval_resize_size(image_size), normalize, "exact")
+
+
+def eval_pixels(image: Image.Image, image_size: int = CROP_SIZE, crops: int = 1, decode: str = "exact") -> np.ndarray:
+    """`eval_transform`'s crops as uint8 pixels. **Returns:** uint8 (S, S, 3), or (10, S, S, 3)."""
+    return _eval_crops(image, image_size, crops, eval_resize_size(image_size), to_uint8_rgb, decode)
 
 
 # --- The 2012 paper -----------------------------------------------------------------------
+
+
+def _paper_square(image: Image.Image, finish: Finish, decode: str) -> np.ndarray:
+    return _eval_crops(image, PAPER_SQUARE_SIZE, 1, PAPER_SQUARE_SIZE, finish, decode)
+
+
+def paper_square_pixels(image: Image.Image, decode: str = "exact") -> np.ndarray:
+    """`paper_square` as uint8 pixels (what `pack --arch 2012` stores). **Returns:** uint8 (256, 256, 3)."""
+    return _paper_square(image, to_uint8_rgb, decode)
 
 
 def paper_square(image: Image.Image) -> np.ndarray:
@@ -131,7 +198,7 @@ def paper_square(image: Image.Image) -> np.ndarray:
 
     **Returns:** float32 (256, 256, 3), normalized, NHWC.
     """
-    return preprocess(image, resize_size=PAPER_SQUARE_SIZE, crop_size=PAPER_SQUARE_SIZE)
+    return _paper_square(image, normalize, "exact")
 
 
 def _check_crop_size(image_size: int) -> None:
@@ -141,6 +208,14 @@ def _check_crop_size(image_size: int) -> None:
         )
 
 
+def _paper_crop(image: Image.Image, image_size: int, rng: np.random.Generator, finish: Finish, decode: str):
+    _check_crop_size(image_size)
+    square = _paper_square(image, finish, decode)
+    top, left = (int(rng.integers(0, PAPER_SQUARE_SIZE - image_size + 1)) for _ in range(2))
+    crop = square[top : top + image_size, left : left + image_size]
+    return crop[:, ::-1].copy() if rng.uniform() < FLIP_PROBABILITY else crop.copy()
+
+
 def paper_train_transform(image: Image.Image, image_size: int, rng: np.random.Generator) -> np.ndarray:
     """A random `image_size` crop of `paper_square(image)`, mirrored with probability 0.5.
 
@@ -148,11 +223,21 @@ def paper_train_transform(image: Image.Image, image_size: int, rng: np.random.Ge
     Colour noise is a separate step (`ColourPCA.apply`), as the data pipeline runs it.
     **Returns:** float32 (image_size, image_size, 3), normalized, NHWC.
     """
+    return _paper_crop(image, image_size, rng, normalize, "exact")
+
+
+def paper_train_pixels(
+    image: Image.Image, image_size: int, rng: np.random.Generator, decode: str = "exact"
+) -> np.ndarray:
+    """`paper_train_transform`'s crop and mirror (the same draws) as uint8 pixels. **Returns:** uint8 (S, S, 3)."""
+    return _paper_crop(image, image_size, rng, to_uint8_rgb, decode)
+
+
+def _paper_eval(image: Image.Image, image_size: int, crops: int, finish: Finish, decode: str) -> np.ndarray:
+    _check_crops(crops)
     _check_crop_size(image_size)
-    square = paper_square(image)
-    top, left = (int(rng.integers(0, PAPER_SQUARE_SIZE - image_size + 1)) for _ in range(2))
-    crop = square[top : top + image_size, left : left + image_size]
-    return crop[:, ::-1].copy() if rng.uniform() < FLIP_PROBABILITY else crop.copy()
+    square = _paper_square(image, finish, decode)
+    return center_crop(square, image_size).copy() if crops == 1 else ten_crop(square, image_size)
 
 
 def paper_eval_transform(image: Image.Image, image_size: int, crops: int = 1) -> np.ndarray:
@@ -160,10 +245,12 @@ def paper_eval_transform(image: Image.Image, image_size: int, crops: int = 1) ->
 
     **Returns:** float32 (S, S, 3), or (10, S, S, 3) for `crops=10` in `ten_crop`'s order.
     """
-    _check_crops(crops)
-    _check_crop_size(image_size)
-    square = paper_square(image)
-    return center_crop(square, image_size).copy() if crops == 1 else ten_crop(square, image_size)
+    return _paper_eval(image, image_size, crops, normalize, "exact")
+
+
+def paper_eval_pixels(image: Image.Image, image_size: int, crops: int = 1, decode: str = "exact") -> np.ndarray:
+    """`paper_eval_transform`'s crops as uint8 pixels. **Returns:** uint8 (S, S, 3), or (10, S, S, 3)."""
+    return _paper_eval(image, image_size, crops, to_uint8_rgb, decode)
 
 
 def _check_crops(crops: int) -> None:
@@ -225,8 +312,13 @@ class ColourPCA:
         does not say it clipped).
         **Returns:** float32, the shape of `image`.
         """
-        shift = self.noise(rng) / np.asarray(STDDEV_RGB)
-        return (image + shift.astype(np.float32)).astype(np.float32)
+        return (image + self.offset(rng)).astype(np.float32)
+
+    def offset(self, rng: np.random.Generator) -> np.ndarray:
+        """One draw of the noise on the normalized scale (c / std for a [0, 1] offset c): what `apply` adds,
+        and what the training pipeline hands over for the device to add. **Returns:** float32 (3,).
+        """
+        return (self.noise(rng) / np.asarray(STDDEV_RGB)).astype(np.float32)
 
 
 # ImageNet's published values (Krizhevsky's cuda-convnet numbers as fb.resnet.torch and

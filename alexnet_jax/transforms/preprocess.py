@@ -33,16 +33,20 @@ _CONVERT_VIA = {"La": "LA"}
 _UINT16_MAX = 65535
 
 
-def resize_shorter(image: Image.Image, size: int) -> Image.Image:
-    # torchvision's rule: the long side is int(size * long / short), truncated, and an
-    # image already at that size is returned untouched.
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
+def shorter_side_to(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision's `Resize(size)` output (width, height): the shorter side `size`, the long side
+    int(size * long / short), truncated."""
+    short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) == (w, h):
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    # torchvision's rule (`shorter_side_to`); an image already at that size is returned untouched.
+    new_size = shorter_side_to(*image.size, size)
+    if new_size == image.size:
         return image
-    return image.resize((new_w, new_h), Image.BILINEAR)
+    return image.resize(new_size, Image.BILINEAR)
 
 
 def center_crop(array: np.ndarray, size: int) -> np.ndarray:
@@ -122,6 +126,24 @@ def normalize(array: np.ndarray) -> np.ndarray:
         x = np.repeat(x[:, :, None], 3, axis=2)
     # Same float32 operations in the same order as torchvision's Normalize.
     return (x - np.asarray(MEAN_RGB, np.float32)) / np.asarray(STDDEV_RGB, np.float32)
+
+
+def to_uint8_rgb(array: np.ndarray) -> np.ndarray:
+    """What `normalize` reads, as uint8 RGB: the pixels the training pipeline hands over (normalized on the device).
+
+    uint8 (H, W, 3) is returned as it is, so `normalize(x)` and the device's normalization of
+    `to_uint8_rgb(x)` agree to float32 rounding. One-channel 16-bit and float images (see
+    `to_model_mode`) are rounded to 8 bits and repeated to three channels: their
+    normalized values move by at most 0.5/255 before the division by the standard deviation.
+    **Returns:** uint8 (H, W, 3).
+    """
+    if array.dtype == np.uint8:
+        x = array
+    elif array.dtype == np.uint16:
+        x = np.round(array.astype(np.float32) * np.float32(255 / _UINT16_MAX)).astype(np.uint8)
+    else:
+        x = np.round(np.clip(array.astype(np.float32), 0.0, 1.0) * np.float32(255)).astype(np.uint8)
+    return np.repeat(x[:, :, None], 3, axis=2) if x.ndim == 2 else x
 
 
 def preprocess(

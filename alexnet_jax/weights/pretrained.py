@@ -6,8 +6,8 @@
     logits = jax.jit(model.apply)(variables, images)   # variables already on the device
 
 Sources: a `WeightsRecord` (or its name, "IMAGENET1K_V1"), fetched through torch hub's
-cache with its hash checked and converted on the fly (needs torch: the `convert`
-extra); a variables file written by `save_variables` or `alexnet-jax convert`
+cache with its hash checked and converted on the fly (without torch: `weights.torch_file`
+reads the file); a variables file written by `save_variables` or `alexnet-jax convert`
 (`.msgpack`, or `.safetensors` with our names); or torchvision weights in a file
 (`.pth`/`.pt`, or `.safetensors` with torchvision's names), converted on the fly.
 Files of the 2012 paper's layout give an `AlexNet2012`, torchvision's an `AlexNet`.

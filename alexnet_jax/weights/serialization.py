@@ -16,6 +16,7 @@ import numpy as np
 from flax import serialization, traverse_util
 
 from alexnet_jax.files import atomic_write_bytes
+from alexnet_jax.models.trees import as_variables
 from alexnet_jax.models.variables import ConversionError, check_variables
 
 _SEP = "/"  # safetensors keys: "params/features_0/kernel"
@@ -26,9 +27,10 @@ def _to_numpy_tree(variables: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def variables_to_bytes(variables: Mapping[str, Any], *, safetensors: bool = False) -> bytes:
-    """AlexNet variables as the bytes of a msgpack (default) or safetensors file; the tree is checked first."""
+    """AlexNet variables (or the bare params tree, written under "params") as the bytes of a msgpack (default)
+    or safetensors file; the tree is checked first."""
     check_variables(variables)
-    tree = _to_numpy_tree(variables)
+    tree = _to_numpy_tree(as_variables(variables))
     if safetensors:
         from safetensors.numpy import save
 
@@ -62,7 +64,7 @@ def is_safetensors(path: str | os.PathLike) -> bool:
 
 
 def save_variables(path: str | os.PathLike, variables: Mapping[str, Any]) -> Path:
-    """Save AlexNet variables (`{"params": ...}`) to `path` atomically.
+    """Save AlexNet variables (`{"params": ...}`, or the bare params tree) to `path` atomically.
 
     `.safetensors` writes safetensors; any other suffix writes a flax msgpack file.
     The tree is checked first, so a wrong tree never reaches the disk.

@@ -1,8 +1,13 @@
 """Where torchvision AlexNet weights come from: the IMAGENET1K_V1 record, torch hub, files.
 
-Reading `.pth` files needs torch (the `convert` extra), imported only here and only
-when called. Untrusted files are read with `torch.load(..., weights_only=True)`
-always: a pickle that tries to run code is refused, never executed.
+`.pth`/`.pt` files in torch's zip format (every `torch.save` since torch 1.6, torchvision's
+weights among them) are read without torch, by `weights.torch_file`: its own unpickler
+allows what torch's `weights_only=True` allows and runs nothing else. torch (the
+`convert` extra) is needed only for files in torch's legacy format, read with
+`torch.load(..., weights_only=True)` when torch is installed; either way a pickle that
+tries to run code is refused, never executed. torch hub's cache folder is found as torch
+finds it ($TORCH_HOME, or $XDG_CACHE_HOME/torch, or ~/.cache/torch), so the hash-checked
+download shares torch's cache with or without torch.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import hashlib
 import os
 import re
 import secrets
+import sys
 import urllib.request
 import warnings
 import zipfile
@@ -22,6 +28,7 @@ from typing import Any
 from alexnet_jax.errors import first_line
 from alexnet_jax.models.alexnet import MIN_SIZE
 from alexnet_jax.transforms.preprocess import CROP_SIZE, MEAN_RGB, RESIZE_SIZE, STDDEV_RGB
+from alexnet_jax.weights.torch_file import TorchFileError, is_torch_zip, read_torch_file
 
 
 def url_file_name(url: str) -> str:
@@ -78,19 +85,26 @@ class WeightsError(RuntimeError):
     """Weights that cannot be had or read; the message says what to do."""
 
 
-def require_torch():
+def require_torch(what: str = "running the torch reference"):
+    """torch, imported; **Raises:** WeightsError saying that `what` needs it and how to install it."""
     try:
         import torch
     except ImportError as e:
-        raise WeightsError(
-            f"reading PyTorch weights needs torch ({e}); install it with: pip install 'alexnet-jax[convert]'"
-        ) from e
+        raise WeightsError(f"{what} needs torch ({e}); install it with: pip install 'alexnet-jax[convert]'") from e
     return torch
 
 
 def hub_checkpoint_dir() -> Path:
-    """torch hub's cache folder for downloaded weights ($TORCH_HOME/hub/checkpoints)."""
-    return Path(require_torch().hub.get_dir()) / "checkpoints"
+    """torch hub's cache folder for downloaded weights ($TORCH_HOME/hub/checkpoints), with or without torch.
+
+    With torch imported, `torch.hub.get_dir()` (which `torch.hub.set_dir` may have moved);
+    otherwise torch's own rule: $TORCH_HOME, else $XDG_CACHE_HOME/torch, else ~/.cache/torch.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "hub"):
+        return Path(torch.hub.get_dir()) / "checkpoints"
+    home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    return Path(os.path.expanduser(home)) / "hub" / "checkpoints"
 
 
 def hash_prefix(url_or_name: str) -> str | None:
@@ -110,7 +124,6 @@ def fetch_state_dict(url: str = IMAGENET1K_V1.url, *, progress: bool = True) -> 
     **Returns:** (state_dict, path of the cached file).
     **Raises:** WeightsError with one line saying why and what to do instead.
     """
-    require_torch()
     expected = hash_prefix(url)
     if expected is None:
         raise WeightsError(f"{url}: the file name carries no sha256 prefix (name-<hash>.pth), so it cannot be checked")
@@ -182,9 +195,11 @@ def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
-    """Read a torchvision state_dict from `.pth`/`.pt` (torch.save) or `.safetensors`.
+    """Read a torchvision state_dict from `.pth`/`.pt` (torch.save) or `.safetensors`, without torch.
 
-    A training checkpoint dict holding it under `state_dict` or `model` is unwrapped.
+    torch's zip format is read by `weights.torch_file` (numpy arrays, no torch needed); the
+    legacy format by torch, when installed. A training checkpoint dict holding the
+    state_dict under `state_dict` or `model` is unwrapped.
     **Raises:** WeightsError naming the file and the problem (missing, truncated,
     not a state_dict, a pickle that wants to run code).
     """
@@ -195,7 +210,15 @@ def load_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
         raise WeightsError(f"{path}: is a folder, not a weights file")
     if path.suffix == ".safetensors":
         return _unwrap(_load_safetensors(path), path)
-    torch = require_torch()
+    try:
+        torch = None if is_torch_zip(path) else _torch_or_none()
+        if torch is None:
+            return _unwrap(read_torch_file(path), path)
+    except TorchFileError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    # torch's legacy format, or not a torch file at all, with torch installed: its loader says which.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pickle-protocol chatter; failures are reported below
@@ -203,6 +226,13 @@ def load_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; each gets one line
         raise WeightsError(f"{path}: {_why_unreadable(e)}") from e
     return _unwrap(obj, path)
+
+
+def _torch_or_none():
+    try:
+        return require_torch()
+    except WeightsError:
+        return None
 
 
 def _why_unreadable(e: Exception) -> str:
