@@ -133,4 +133,4 @@ def test_fine_tuning_the_2012_network_draws_the_head_of_the_runs_init(tmp_path, 
     params = train_loop._initial_params(resolve_run(config))
     assert np.all(np.asarray(params["classifier_6"]["bias"]) == -7.0)  # LeCun's head would have bias 0
     assert params["classifier_6"]["kernel"].shape == (4096, 2)
-    assert params["features_0"] is shapes["params"]["features_0"]  # the body kept as loaded
+    assert params["features_0"] == shapes["params"]["features_0"]  # the body kept as loaded
