@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from alexnet_jax.models.alexnet import MIN_SIZE, AlexNet
-from alexnet_jax.models.alexnet2012 import INPUT_SIZE, AlexNet2012, stack_sizes
+from alexnet_jax.models.alexnet import MIN_SIZE, AlexNet, replace_head
+from alexnet_jax.models.alexnet2012 import INIT_NAMES, INPUT_SIZE, AlexNet2012, stack_sizes
+from alexnet_jax.models.alexnet2012 import replace_head as replace_head_2012
 from alexnet_jax.models.layers import CONV_ALGORITHMS
 from alexnet_jax.models.layers import POOL_OUTPUT as _POOL_OUTPUT
 from alexnet_jax.models.variables import ARCHITECTURES, Architecture
@@ -39,6 +40,9 @@ from alexnet_jax.transforms.augment import (
 from alexnet_jax.transforms.preprocess import CROP_SIZE
 
 COLOUR_PCA_CHOICES = ("imagenet", "folder", "none")
+# `--arch 2012`'s default initialization: of the originals' (`alexnet2012.INITS`), the one closest
+# to the paper that learns here (docs/alexnet2012.md has the measurements); "paper" stays a choice.
+TRAINING_INIT = "caffe"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,25 @@ class Arch:
     batch_size: int  # default global batch, and the batch the base rate 0.01 is for (others scale it linearly)
     colour_pca: str  # default colour noise, one of COLOUR_PCA_CHOICES
     conv_algorithms: tuple[str, ...]  # `models.layers.CONV_ALGORITHMS` the model honours
+    # The named initializations `model(..., init=name)` draws (`--init`) and the default; () and
+    # None for a model with one initialization of its own (then `model` takes no `init`).
+    inits: tuple[str, ...] = ()
+    init: str | None = None
+    # `replace_head(params, num_classes, seed=, init=)`: params with a fresh classifier_6 for
+    # `num_classes` outputs (fine-tuning with another class count), drawn as `init` draws it.
+    replace_head: Callable[..., dict[str, Any]] = lambda params, num_classes, *, seed, init=None: replace_head(
+        params, num_classes, seed=seed
+    )  # AlexNet's own head: LeCun normal, zero bias
+    two_towers: bool = False  # `distributed.towers` runs it one tower per device (`--parallel towers`)
+
+    def check_init(self, init: str | None) -> None:
+        """**Raises:** ValueError when `init` is not one of this architecture's initializations (None always is)."""
+        if init is None:
+            return
+        if not self.inits:
+            raise ValueError(f"--init chooses among the 2012 network's initializations; --arch {self.name} has one")
+        if init not in self.inits:
+            raise ValueError(f"unknown init {init!r} for --arch {self.name}; expected one of {', '.join(self.inits)}")
 
     def check_image_size(self, image_size: int) -> None:
         """**Raises:** ValueError when this architecture cannot take `image_size` x `image_size` crops."""
@@ -78,10 +101,12 @@ def _alexnet(num_classes: int, conv_algorithm: str = "xla", dtype: Any = jnp.flo
     return AlexNet(num_classes=num_classes, conv_algorithm=conv_algorithm, dtype=dtype)
 
 
-def _alexnet2012(num_classes: int, conv_algorithm: str = "xla", dtype: Any = jnp.float32) -> nn.Module:
+def _alexnet2012(
+    num_classes: int, conv_algorithm: str = "xla", dtype: Any = jnp.float32, init: str = TRAINING_INIT
+) -> nn.Module:
     # Its grouped convolutions are XLA's; the conv_algorithm choice is the torchvision model's
     # ("auto" ends at XLA here, "winograd" is refused by `TrainConfig.validate`).
-    return AlexNet2012(num_classes=num_classes, dtype=dtype)
+    return AlexNet2012(num_classes=num_classes, dtype=dtype, initialization=init)
 
 
 ARCHS: dict[str, Arch] = {
@@ -117,6 +142,10 @@ ARCHS: dict[str, Arch] = {
         batch_size=128,
         colour_pca="imagenet",
         conv_algorithms=("xla", "auto"),
+        inits=INIT_NAMES,
+        init=TRAINING_INIT,
+        replace_head=replace_head_2012,
+        two_towers=True,
     ),
 }
 

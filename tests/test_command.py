@@ -28,6 +28,7 @@ PAPER = TrainConfig(
     batch_size=64,
     lr=0.005,
     image_size=240,
+    init="paper",
     init_from="start.msgpack",
     num_classes=12,
     seed=3,
@@ -50,7 +51,7 @@ PAPER = TrainConfig(
     conv_algorithm="xla",
 )
 TORCHVISION = dataclasses.replace(
-    PAPER, arch="torchvision", image_size=100, recipe="paper", colour_pca="none", conv_algorithm="winograd"
+    PAPER, arch="torchvision", image_size=100, recipe="paper", colour_pca="none", conv_algorithm="winograd", init=None
 )
 
 

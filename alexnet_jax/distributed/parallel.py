@@ -42,7 +42,8 @@ from alexnet_jax.errors import first_line
 from alexnet_jax.steps import TrainState, apply_step, device_batch, train_step
 from alexnet_jax.upstream import detect_cluster, distributed_state
 
-MODES = ("none", "pmap", "sharded")
+# "towers" is `distributed.towers`' layout of the 2012 network, built from its model (`make_towers`).
+MODES = ("none", "pmap", "sharded", "towers")
 PMAP_AXIS = "batch"  # the axis name flax's examples use for pmap
 DATA_AXIS = "data"
 # JAX's default is 300 s; a run that cannot reach its coordinator should say so sooner.
@@ -370,6 +371,8 @@ def make_parallel(mode: str, *, global_batch: int, micro_steps: int = 1) -> Para
     global batch that does not split over devices x micro-batches.
     """
     check_parallel_mode(mode)
+    if mode == "towers":
+        raise ValueError("parallel mode 'towers' needs the model: build it with distributed.towers.make_towers")
     if mode == "none":
         if jax.process_count() > 1:
             raise ValueError(f"parallel mode 'none' cannot span {jax.process_count()} processes; use 'sharded'")

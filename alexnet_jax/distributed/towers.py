@@ -318,6 +318,15 @@ def make_towers(model: AlexNet2012, *, global_batch: int, micro_steps: int = 1, 
     """
     if not isinstance(model, AlexNet2012):
         raise ValueError(f"the two-tower layout is AlexNet2012's; got {type(model).__name__}")
+    return Towers(model, check_towers(global_batch=global_batch, micro_steps=micro_steps, devices=devices), micro_steps)
+
+
+def check_towers(*, global_batch: int, micro_steps: int = 1, devices: Any = None) -> Mesh:
+    """The tower mesh of `devices` (default all), checked against the batch before any model or data exists.
+
+    **Raises:** ValueError for an odd number of devices, or a global batch that does not
+    split over the data-parallel pairs x micro-batches.
+    """
     mesh = make_tower_mesh(devices)
     check_batch(global_batch, mesh.shape[DATA_AXIS], micro_steps)
-    return Towers(model, mesh, micro_steps)
+    return mesh

@@ -18,14 +18,14 @@ twin (`models.nnx.AlexNet2012`) and the tower-parallel forward: `local_response_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alexnet_jax.models.alexnet import HIDDEN, PREPROCESS_HINT
+from alexnet_jax.models.alexnet import HIDDEN, PREPROCESS_HINT, check_num_classes
 from alexnet_jax.models.layers import POOL_OUTPUT, POOL_STRIDE, POOL_WINDOW, Conv, check_float_images, max_pool
 from alexnet_jax.models.trees import AcceptsBareParams
 
@@ -48,19 +48,98 @@ FC6_IN = POOL_OUTPUT * POOL_OUTPUT * CONV_LAYERS_2012[-1][1]  # 9216: conv5's 6x
 # constant 1 [...] the neuron biases in the remaining layers with the constant 0."
 INIT_STD = 0.01
 BIAS_ONE: frozenset[str] = frozenset({"features_4", "features_10", "features_12", "classifier_1", "classifier_4"})
+LAYER_NAMES: tuple[str, ...] = tuple(f"features_{row[0]}" for row in CONV_LAYERS_2012) + (
+    "classifier_1",
+    "classifier_4",
+    "classifier_6",
+)
+
+# The initializations the originals used: layer -> (weight std, bias), weights zero-mean Gaussian.
+# "paper": section 5, quoted above.
+# "caffe": BVLC's bvlc_alexnet (models/bvlc_alexnet/train_val.prototxt): gaussian std 0.01, but
+#   0.005 for fc6 and fc7; biases 0.1 where the paper has 1 ("initialization to 1 gave flat
+#   loss", its readme), 0 elsewhere.
+# "cuda-convnet2": Krizhevsky's own code (layers/layers-imagenet-1gpu.cfg and -2gpu-model.cfg):
+#   initW 0.01 for conv1, conv2 and the fully connected layers, 0.03 for conv3-conv5; initB 1
+#   for conv2, conv4, conv5 and the hidden fully connected layers, 0 (the default) elsewhere,
+#   except the output layer's -7 (the 1-GPU file; the 2-GPU file leaves it 0). A bias shared by
+#   every class adds the same to each logit, so under softmax -7 changes nothing but the numbers.
+# All three sources fed conv1 pixels, 0-255 less the mean image (the paper, section 2: "the
+# (centered) raw RGB values"), so their conv1 std is in pixel units. This package's images are
+# also divided by 255 x the channel std (`transforms.preprocess.STDDEV_RGB`; a test ties the two):
+# one input unit is PIXELS_PER_UNIT[c] pixel levels. conv1's kernels are drawn as the source
+# gives them and converted, std x PIXELS_PER_UNIT[c] for input channel c (0.58 for the 0.01 of
+# all three), so at step 0 the network computes the source's function of the image. Drawn at
+# 0.01 on normalized inputs instead, conv1's responses are 57 times weaker than the source's.
+PIXELS_PER_UNIT: tuple[float, float, float] = (255 * 0.229, 255 * 0.224, 255 * 0.225)
+INITS: dict[str, dict[str, tuple[float, float]]] = {
+    "paper": {name: (INIT_STD, 1.0 if name in BIAS_ONE else 0.0) for name in LAYER_NAMES},
+    "caffe": {
+        name: (0.005 if name in ("classifier_1", "classifier_4") else 0.01, 0.1 if name in BIAS_ONE else 0.0)
+        for name in LAYER_NAMES
+    },
+    "cuda-convnet2": {
+        name: (
+            0.03 if name in ("features_8", "features_10", "features_12") else 0.01,
+            1.0 if name in BIAS_ONE else (-7.0 if name == "classifier_6" else 0.0),
+        )
+        for name in LAYER_NAMES
+    },
+}
+INIT_NAMES: tuple[str, ...] = tuple(INITS)
+
+
+def check_init(init: str) -> None:
+    """**Raises:** ValueError naming the known initializations when `init` is not one of them."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INIT_NAMES)}")
+
+
+def kernel_init(name: str, init: str = "paper") -> Callable[..., jax.Array]:
+    """The weight initializer of layer `name` under `init` (one of INITS): N(0, std^2).
+
+    conv1's (features_0, an (11, 11, 3, 96) kernel) is N(0, (std x PIXELS_PER_UNIT[c])^2)
+    for input channel c: the source's std in its pixel units, on this package's normalized inputs.
+    """
+    check_init(init)
+    normal = nn.initializers.normal(INITS[init][name][0])
+    if name != "features_0":
+        return normal
+
+    def in_pixel_units(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return (normal(key, shape, jnp.float32) * jnp.asarray(PIXELS_PER_UNIT)[:, None]).astype(dtype)
+
+    return in_pixel_units
+
+
+def bias_init(name: str, init: str = "paper") -> Callable[..., jax.Array]:
+    """The bias initializer of layer `name` under `init` (one of INITS): a constant."""
+    check_init(init)
+    return nn.initializers.constant(INITS[init][name][1])
+
+
+def replace_head(params: Mapping[str, Any], num_classes: int, *, seed: int = 0, init: str = "paper") -> dict[str, Any]:
+    """AlexNet2012's `params` with classifier_6 (fc8) drawn afresh for `num_classes` outputs, as `init` draws it.
+
+    For fine-tuning on another label set: the new head is what `AlexNet2012(num_classes,
+    initialization=init)` would start with (not `models.alexnet.replace_head`'s LeCun normal),
+    in the dtype of the old one, from `seed`; everything else is shared.
+    **Returns:** a new params tree; classifier_6 kernel (4096, num_classes), bias (num_classes,).
+    **Raises:** ValueError for an unknown `init` or fewer than one class.
+    """
+    check_init(init)
+    check_num_classes(num_classes)
+    dtype = params["classifier_6"]["kernel"].dtype
+    key = jax.random.PRNGKey(seed)
+    head = {
+        "kernel": kernel_init("classifier_6", init)(key, (HIDDEN, num_classes), dtype),
+        "bias": bias_init("classifier_6", init)(key, (num_classes,), dtype),
+    }
+    return {**params, "classifier_6": head}
+
 
 # The paper's LRN constants (section 3.3): k = 2, n = 5, alpha = 1e-4, beta = 0.75.
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
-
-
-def kernel_init() -> Callable[..., jax.Array]:
-    """The paper's weight initializer, N(0, 0.01^2), for every layer."""
-    return nn.initializers.normal(INIT_STD)
-
-
-def bias_init(name: str) -> Callable[..., jax.Array]:
-    """The paper's bias initializer for layer `name`: the constant 1 in conv2, conv4, conv5, fc6, fc7; else 0."""
-    return nn.initializers.constant(1.0 if name in BIAS_ONE else 0.0)
 
 
 def local_response_norm(
@@ -190,8 +269,7 @@ class AlexNet2012(AcceptsBareParams):
     conv1 96@11x11/4 -> ReLU -> LRN -> pool; conv2 256@5x5 pad 2, 2 groups -> ReLU -> LRN -> pool;
     conv3 384@3x3 pad 1; conv4 384@3x3 pad 1, 2 groups; conv5 256@3x3 pad 1, 2 groups -> pool;
     dropout -> fc6 4096 -> ReLU -> dropout -> fc7 4096 -> ReLU -> fc8 num_classes. Pools are
-    3x3 at stride 2. `init` draws the paper's initialization (weights N(0, 0.01^2); biases 1
-    in conv2, conv4, conv5, fc6 and fc7, 0 elsewhere).
+    3x3 at stride 2. `init` draws the initialization named by `initialization`.
 
     Attributes:
         num_classes: outputs of fc8 (`classifier_6`); 1000 for ImageNet.
@@ -205,6 +283,10 @@ class AlexNet2012(AcceptsBareParams):
             convention: torch's `nn.LocalResponseNorm` and Caffe divide alpha by n, so
             the paper's alpha 1e-4 is torch's alpha=5e-4, and Caffe's bvlc_alexnet
             (alpha 1e-4, k 1 in its prototxt) is lrn_alpha=2e-5, lrn_k=1 here.
+        initialization: which original's initialization `init` draws, one of INITS: "paper" (section 5:
+            weights N(0, 0.01^2); biases 1 in conv2, conv4, conv5, fc6, fc7, 0 elsewhere),
+            "caffe" (bvlc_alexnet: std 0.005 for fc6 and fc7, biases 0.1 instead of 1) or
+            "cuda-convnet2" (std 0.03 for conv3-conv5, fc8's bias -7). A ValueError otherwise.
 
     `__call__(x, train=False)`: x float images (N, 227, 227, 3) (sides up to 258 also end at
     6x6, as they would in torch; 224 and anything else is a ValueError). **Returns:** logits (N, num_classes).
@@ -218,8 +300,11 @@ class AlexNet2012(AcceptsBareParams):
     lrn_alpha: float = LRN_ALPHA
     lrn_beta: float = LRN_BETA
     lrn_k: float = LRN_K
+    # Not `init`: that is linen's method that draws the parameters.
+    initialization: str = "paper"
 
     def setup(self) -> None:
+        check_init(self.initialization)
         self.convs = [
             Conv(
                 features,
@@ -229,8 +314,8 @@ class AlexNet2012(AcceptsBareParams):
                 groups=groups,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                kernel_init=kernel_init(),
-                bias_init=bias_init(f"features_{index}"),
+                kernel_init=kernel_init(f"features_{index}", self.initialization),
+                bias_init=bias_init(f"features_{index}", self.initialization),
                 name=f"features_{index}",
             )
             for index, features, kernel, stride, pad, groups in CONV_LAYERS_2012
@@ -240,8 +325,8 @@ class AlexNet2012(AcceptsBareParams):
                 width,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                kernel_init=kernel_init(),
-                bias_init=bias_init(name),
+                kernel_init=kernel_init(name, self.initialization),
+                bias_init=bias_init(name, self.initialization),
                 name=name,
             )
             for width, name in ((HIDDEN, "classifier_1"), (HIDDEN, "classifier_4"), (self.num_classes, "classifier_6"))

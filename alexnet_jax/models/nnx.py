@@ -49,6 +49,7 @@ from alexnet_jax.models.alexnet2012 import (
     LRN_K,
     LRN_SIZE,
     bias_init,
+    check_init,
     check_input,
     classifier,
     conv_stack,
@@ -310,15 +311,15 @@ class AlexNet2012(_Loadable):
 
     Attributes:
         num_classes, dropout_rate, dtype, param_dtype, lrn_size, lrn_alpha, lrn_beta,
-            lrn_k: as the linen `alexnet2012.AlexNet2012`'s fields (the LRN in the paper's
+            lrn_k, initialization: as the linen `alexnet2012.AlexNet2012`'s fields (the LRN in the paper's
             convention: torch's alpha is lrn_alpha * lrn_size).
         features_0, features_4, features_8, features_10, features_12: the five `Conv`
             layers (conv2, conv4, conv5 in 2 groups), named after the torch layout's `features.N`.
         classifier_0, classifier_3: the two `nnx.Dropout`s.
         classifier_1, classifier_4, classifier_6: fc6, fc7 and fc8, `nnx.Linear`.
 
-    `__init__` draws the paper's initialization (weights N(0, 0.01^2); biases 1 in conv2,
-    conv4, conv5, fc6, fc7, 0 elsewhere). Eval mode by default, `model.train()` for
+    `__init__` draws the initialization `initialization` names (`alexnet2012.INITS`; the
+    paper's by default, as the linen module's, from the same keys). Eval mode by default, `model.train()` for
     dropout, as `AlexNet`. `__call__(x)`: x (N, 227, 227, 3) normalized images (224 is a
     ValueError). **Returns:** logits (N, num_classes) in the compute dtype.
     """
@@ -336,9 +337,12 @@ class AlexNet2012(_Loadable):
         lrn_alpha: float = LRN_ALPHA,
         lrn_beta: float = LRN_BETA,
         lrn_k: float = LRN_K,
+        initialization: str = "paper",
         rngs: nnx.Rngs,
     ):
         check_num_classes(num_classes)
+        check_init(initialization)
+        self.initialization = initialization
         self.num_classes, self.dropout_rate, self.dtype, self.param_dtype = (
             num_classes,
             dropout_rate,
@@ -358,8 +362,8 @@ class AlexNet2012(_Loadable):
                 groups=groups,
                 dtype=dtype,
                 param_dtype=param_dtype,
-                kernel_init=kernel_init(),
-                bias_init=bias_init(name),
+                kernel_init=kernel_init(name, initialization),
+                bias_init=bias_init(name, initialization),
                 rngs=rngs,
             )
             setattr(self, name, conv)
@@ -376,8 +380,8 @@ class AlexNet2012(_Loadable):
             fan_out,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=kernel_init(),
-            bias_init=bias_init(name),
+            kernel_init=kernel_init(name, self.initialization),
+            bias_init=bias_init(name, self.initialization),
             rngs=rngs,
         )
 

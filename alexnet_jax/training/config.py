@@ -7,15 +7,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alexnet_jax.archs import ARCHS, COLOUR_PCA_CHOICES, get_arch
+from alexnet_jax.archs import ARCHS, COLOUR_PCA_CHOICES, TRAINING_INIT, get_arch
 from alexnet_jax.distributed.parallel import MODES, check_parallel_mode
+from alexnet_jax.models.alexnet2012 import INIT_NAMES
 from alexnet_jax.models.layers import CONV_ALGORITHMS, check_conv_algorithm
 from alexnet_jax.steps import BASE_LR, EPOCHS, LR_STEP_EPOCHS, scaled_lr
 from alexnet_jax.training.recipe import RECIPES, default_weight_decay
 from alexnet_jax.transforms.augment import DECODE_MODES, EVAL_CROPS, check_decode
 
 # Fields that decide the trajectory: a resumed run must have the same ones to end where an
-# uninterrupted run would. `epochs` may grow (StepLR does not depend on it); `workers` changes nothing.
+# uninterrupted run would. `epochs` may grow (StepLR does not depend on it); `workers` changes
+# nothing; `init` neither (a resumed run's parameters are the checkpoint's).
 RUN_DEFINING = (
     "data",
     "arch",
@@ -38,6 +40,18 @@ RUN_DEFINING = (
 # What a run from before a field existed did, for a config.json that lacks the field: the
 # pipeline decoded every image whole before `decode` was a setting.
 EARLIER_DEFAULTS = {"decode": "exact"}
+
+
+# Layouts that compute the same trajectory: the two towers draw the sharded layout's dropout
+# masks for the whole batch and differ from it in float rounding only, so a run saved under
+# one resumes under the other.
+_SAME_TRAJECTORY = {"parallel": {"towers": "sharded"}}
+
+
+def same_trajectory(name: str, a: Any, b: Any) -> bool:
+    """Whether run-defining field `name` with values `a` and `b` gives the same run (resuming compares them)."""
+    same = _SAME_TRAJECTORY.get(name, {})
+    return same.get(a, a) == same.get(b, b)
 
 
 def run_defining(config: TrainConfig) -> tuple[str, ...]:
@@ -85,6 +99,13 @@ class TrainConfig:
     lr: float | None = _setting(None, help="learning rate (default 0.01 * batch-size / 256; / 128 for --arch 2012)")
     image_size: int | None = _setting(
         None, help="training and eval crop side (default 224, at least 63; 227 for --arch 2012, which takes 227-256)"
+    )
+    init: str | None = _setting(
+        None,
+        choices=INIT_NAMES,
+        help="--arch 2012's initialization: the paper's (section 5), Caffe's bvlc_alexnet's or cuda-convnet2's "
+        f"(docs/alexnet2012.md; default {TRAINING_INIT}, the one closest to the paper that learns); also for "
+        "a head drawn for another class count over --init-from",
     )
     init_from: str | None = _setting(None, help="variables file to start from (e.g. converted torchvision weights)")
     num_classes: int | None = _setting(
@@ -149,7 +170,8 @@ class TrainConfig:
         "none",
         choices=MODES,
         help="none: one device; pmap: jax.pmap over this machine's devices; "
-        "sharded: jit with the batch split over all devices of all processes",
+        "sharded: jit with the batch split over all devices of all processes; "
+        "towers: --arch 2012's two towers one per device, pairs of devices data-parallel",
     )
     micro_batches: int = _setting(1, help="gradient accumulation: split each step's batch into this many micro-batches")
     # AlexNet's conv_algorithm. The library's default, XLA's convolution, compiles in seconds;
@@ -195,6 +217,9 @@ class TrainConfig:
                 f"use one of {', '.join(arch.conv_algorithms)}"
             )
         check_parallel_mode(self.parallel)
+        if self.parallel == "towers" and not arch.two_towers:
+            raise ValueError(f"parallel 'towers' is the 2012 network's two-tower layout; --arch {self.arch} has none")
+        arch.check_init(self.init)
 
     def with_arch_defaults(self) -> TrainConfig:
         """A copy with the arch's image size, batch size and recipe where they are None."""
@@ -204,6 +229,7 @@ class TrainConfig:
             image_size=arch.image_size if self.image_size is None else self.image_size,
             batch_size=arch.batch_size if self.batch_size is None else self.batch_size,
             recipe=arch.recipe if self.recipe is None else self.recipe,
+            init=arch.init if self.init is None else self.init,
         )
 
     def resolved(self, num_class_folders: int) -> TrainConfig:

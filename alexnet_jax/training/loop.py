@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from alexnet_jax.distributed.parallel import over_processes, sum_over_processes
 from alexnet_jax.files import atomic_write_bytes, check_writable_folder
-from alexnet_jax.models.alexnet import replace_head
 from alexnet_jax.models.trees import cast_floating
 from alexnet_jax.models.variables import check_variables
 from alexnet_jax.steps import (
@@ -72,8 +71,8 @@ def _initial_params(run: Run) -> dict[str, Any]:
     check_variables(params, run.arch.name)
     params = _as_param_dtype(params, np.dtype(getattr(run.model, "param_dtype", np.float32)), config.init_from)
     if params["classifier_6"]["kernel"].shape[1] != config.num_classes:
-        # Fine-tuning: keep the body, draw a new head for this data set's classes.
-        params = replace_head(params, config.num_classes, seed=config.seed)
+        # Fine-tuning: keep the body, draw a new head for this data set's classes as the run's init does.
+        params = run.arch.replace_head(params, config.num_classes, seed=config.seed, init=config.init)
     return params
 
 
@@ -124,7 +123,7 @@ def train_and_evaluate(
     One run at a time owns `workdir` (`alexnet_jax.training.workdir.WorkdirLock`). SIGTERM
     or SIGINT (from the main thread) stop the run at the next step boundary with a
     checkpoint: StopRequested, whose `exit_status` is 128 + the signal number.
-    `config.parallel` spreads each step over every device ("pmap", "sharded");
+    `config.parallel` spreads each step over every device ("pmap", "sharded", "towers");
     across processes (after `parallel.initialize_distributed`) each reads only its
     shard of the data and only process 0 writes files besides the checkpoints,
     which Orbax writes together.

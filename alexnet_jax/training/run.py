@@ -1,7 +1,7 @@
 """A `TrainConfig` resolved once: the architecture record, model, optimizer, device layout and data of a run.
 
     run = resolve_run(TrainConfig(data="train/", val_data="val/"))
-    run.arch, run.model, run.tx, run.parallel        # Arch record, linen module, optax, Parallel
+    run.arch, run.model, run.tx, run.parallel        # Arch record, linen module, optax, Parallel or Towers
     run.train_data, run.steps_per_epoch, run.config  # the config with every default filled in
 
 `train_and_evaluate` builds one `Run` before it touches the workdir and hands it to what it
@@ -18,6 +18,7 @@ import optax
 
 from alexnet_jax.archs import Arch, get_arch
 from alexnet_jax.distributed.parallel import Parallel, make_parallel
+from alexnet_jax.distributed.towers import Towers, check_towers, make_towers
 from alexnet_jax.steps import make_optimizer
 from alexnet_jax.training.config import TrainConfig
 from alexnet_jax.training.pipeline import check_shared_memory, colour_pca_from_folder, steps_per_epoch
@@ -34,7 +35,7 @@ class Run:
     arch: Arch
     model: nn.Module  # the arch's, with the config's classes and conv algorithm; no parameters yet
     tx: optax.GradientTransformation  # the recipe's schedule, momentum rule and weight decay
-    parallel: Parallel  # where the state and batches live, the compiled step
+    parallel: Parallel | Towers  # where the state and batches live, the compiled step
     train_data: ImageFolder | ShardSet
     val_data: ImageFolder | ShardSet  # indexed with the training set's classes
     steps_per_epoch: int  # full global batches per epoch (at least 1)
@@ -53,7 +54,10 @@ def resolve_run(config: TrainConfig) -> Run:
     config.validate()
     arch = get_arch(config.arch)
     config = config.with_arch_defaults()
-    parallel = make_parallel(config.parallel, global_batch=config.batch_size, micro_steps=config.micro_batches)
+    if config.parallel == "towers":  # built with the model below; its devices and batch checked now
+        check_towers(global_batch=config.batch_size, micro_steps=config.micro_batches)
+    else:
+        parallel = make_parallel(config.parallel, global_batch=config.batch_size, micro_steps=config.micro_batches)
     train_data = open_data(config.data)
     val_data = open_data(config.val_data, classes=train_data.classes)
     config = config.resolved(len(train_data.classes))
@@ -69,10 +73,15 @@ def resolve_run(config: TrainConfig) -> Run:
     if per_epoch == 0:
         raise ValueError(f"{config.data}: {len(train_data)} images is less than one batch of {config.batch_size}")
     tx = make_tx(config, per_epoch)
+    # An architecture with one initialization of its own takes no `init` (config.init is None then).
+    init = {} if config.init is None else {"init": config.init}
+    model = arch.model(config.num_classes, config.conv_algorithm, **init)
+    if config.parallel == "towers":
+        parallel = make_towers(model, global_batch=config.batch_size, micro_steps=config.micro_batches)
     return Run(
         config=config,
         arch=arch,
-        model=arch.model(config.num_classes, config.conv_algorithm),
+        model=model,
         tx=tx,
         parallel=parallel,
         train_data=train_data,

@@ -28,7 +28,7 @@ import jax
 
 from alexnet_jax.distributed.parallel import over_processes
 from alexnet_jax.files import atomic_write_bytes
-from alexnet_jax.training.config import EARLIER_DEFAULTS, TrainConfig, run_defining
+from alexnet_jax.training.config import EARLIER_DEFAULTS, TrainConfig, run_defining, same_trajectory
 from alexnet_jax.training.metrics import CURVES_FILE, METRICS_FILE
 from alexnet_jax.training.sources import fingerprint_change
 
@@ -143,7 +143,7 @@ def check_workdir(
         changed = [
             f"{k} ({saved.get(k, defaults[k])!r} -> {getattr(config, k)!r})"
             for k in run_defining(config)
-            if saved.get(k, defaults[k]) != getattr(config, k)
+            if not same_trajectory(k, saved.get(k, defaults[k]), getattr(config, k))
         ]
         if changed:
             raise ValueError(f"{workdir}: cannot resume exactly with a different {', '.join(changed)}")
