@@ -2,9 +2,8 @@
 
 One child process (this file as a script, XLA_FLAGS forcing 4 host devices: 2 data-parallel
 pairs of towers) trains AlexNet2012 two steps through `train_and_evaluate` under `sharded`, and
-twice more from the same seed, stopped after the first step's checkpoint and resumed under the
-other layout: towers then sharded, sharded then towers. Both end where the sharded run did, so
-each step of the towers gives the sharded parameters, and checkpoints cross layouts both ways.
+resumes its step-1 checkpoint under the towers for step 2: it ends where the sharded run did, so
+a step of the towers gives the sharded parameters, and a checkpoint crosses layouts.
 227 px is the network's smallest input (its conv stack must end at 6x6). Tolerance 1e-5 of
 each tensor's largest value: the layouts sum the same products in another order (fc8's halves,
 gradients over the shards), with the same dropout masks.
@@ -22,10 +21,6 @@ from helpers import COLOURS, REPO, colour_folder, json_from_script_on_devices, r
 DEVICES = 4
 BATCH = 4  # one image per device under "sharded", two per pair of towers
 TOLERANCE = 1e-5
-
-
-class _Stop(Exception):
-    """Raised from on_checkpoint: the run stops as a killed one would, after a checkpoint."""
 
 
 def _child() -> dict:
@@ -67,10 +62,7 @@ def _child() -> dict:
             if step == 1 and after_first is not None:
                 after_first()
 
-        try:
-            last = train_and_evaluate(config(parallel), root / name, resume=resume, on_checkpoint=on_checkpoint)
-        except _Stop:
-            return {}
+        last = train_and_evaluate(config(parallel), root / name, resume=resume, on_checkpoint=on_checkpoint)
         return {**last, "params": load_variables(last["final_variables"])["params"]}
 
     def copy_first_checkpoint() -> None:
@@ -78,18 +70,13 @@ def _child() -> dict:
         shutil.copytree(root / "sharded" / "checkpoints", root / "sharded_then_towers" / "checkpoints")
         shutil.copy(root / "sharded" / "config.json", root / "sharded_then_towers" / "config.json")
 
-    def stop() -> None:
-        raise _Stop
-
     sharded = run("sharded", "sharded", after_first=copy_first_checkpoint)
-    run("towers_then_sharded", "towers", after_first=stop)
-    towers_then_sharded = run("towers_then_sharded", "sharded", resume=True)
     sharded_then_towers = run("sharded_then_towers", "towers", resume=True)
     initial = init_params(resolve_run(config("sharded")).model, seed=0, image_size=227)
     return {
-        "steps": [r["step"] for r in (sharded, towers_then_sharded, sharded_then_towers)],
-        # Step 1 under the towers, step 2 sharded; then step 1 sharded, step 2 under the towers.
-        "towers_then_sharded": relative_difference(towers_then_sharded["params"], sharded["params"]),
+        "steps": [r["step"] for r in (sharded, sharded_then_towers)],
+        # Step 1 sharded, then the checkpoint resumed under the towers for step 2 (each layout's
+        # compiled run costs most of this test: the other direction runs the same pieces).
         "sharded_then_towers": relative_difference(sharded_then_towers["params"], sharded["params"]),
         "val_loss": abs(sharded_then_towers["val_loss"] - sharded["val_loss"]) / sharded["val_loss"],
         "moved": relative_difference(initial, sharded["params"]),
@@ -105,11 +92,10 @@ def result():
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_towers_train_as_sharded_and_checkpoints_cross_layouts(result):
-    assert result["steps"] == [2, 2, 2]
+    assert result["steps"] == [2, 2]
     assert result["finite"]
-    assert result["moved"] > 1e-4, result  # two steps changed the parameters: the comparisons are not vacuous
-    # Each of the two steps ran once under the towers; each run crossed layouts at its checkpoint.
-    assert result["towers_then_sharded"] < TOLERANCE, result
+    assert result["moved"] > 1e-4, result  # two steps changed the parameters: the comparison is not vacuous
+    # Step 2 ran under the towers from a checkpoint the sharded layout saved.
     assert result["sharded_then_towers"] < TOLERANCE, result
     assert result["val_loss"] < TOLERANCE, result  # evaluated under the towers
 
