@@ -238,6 +238,7 @@ def test_an_unwritable_output_is_refused_before_reading_the_weights(tmp_path, ca
     assert err.startswith("error: --output /sys/o.msgpack: folder /sys is not writable (") and err.count("\n") == 1
 
 
+@pytest.mark.slow  # a conversion of the full model: test_convert keeps the fast loop's conversions
 def test_half_precision_weights_are_written_as_float32_unless_asked(files, tmp_path, capsys, torchvision_state_dict):
     torch.save({k: v.half() for k, v in torchvision_state_dict(0).items()}, tmp_path / "half.pth")
     assert cli.main(["--checkpoint", str(tmp_path / "half.pth"), "--output", str(tmp_path / "a.msgpack")]) == 0

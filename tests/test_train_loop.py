@@ -376,6 +376,7 @@ def test_a_checkpoint_damaged_in_place_is_set_aside_in_one_line_and_the_run_resu
     assert Checkpoints(run / "checkpoints").all_steps() == [2, 3, 4]  # step 4 trained and saved again
 
 
+@pytest.mark.slow  # training runs: the fast loop keeps the loop's other tests
 def test_resume_refuses_changed_data_and_fewer_epochs_in_one_line_and_writes_nothing(data, tmp_path):
     train, val = (shutil.copytree(folder, tmp_path / folder.name) for folder in data)
     workdir, config = tmp_path / "run", _config((train, val), epochs=2, batch_size=12)
@@ -395,6 +396,7 @@ def test_resume_refuses_changed_data_and_fewer_epochs_in_one_line_and_writes_not
     assert {name: (workdir / name).read_bytes() for name in written} == written
 
 
+@pytest.mark.slow  # training runs: the fast loop keeps the loop's other tests
 def test_allowed_data_change_goes_on_with_consistent_epochs_and_says_so(data, tmp_path, capsys):
     train, val = (shutil.copytree(folder, tmp_path / folder.name) for folder in data)
     workdir, config = tmp_path / "run", _config((train, val), epochs=2, batch_size=12)  # 2 steps per epoch
@@ -418,6 +420,7 @@ def test_allowed_data_change_goes_on_with_consistent_epochs_and_says_so(data, tm
     assert again["epoch"] == 5 and read_metrics(workdir / "metrics.jsonl")[-1]["step"] == 13
 
 
+@pytest.mark.slow  # training runs: the fast loop keeps the loop's other tests
 def test_half_precision_weights_are_cast_for_training_in_one_line(data, tmp_path, capsys):
     source = tmp_path / "half.msgpack"
     params = init_params(tiny_model(3), seed=1, image_size=64)
